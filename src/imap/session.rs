@@ -1,0 +1,331 @@
+//! The client's IMAP conversation up to login, as a state machine.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::parse::{self, Command};
+use super::{capability, encode};
+use crate::proto::sasl;
+use crate::proto::{Action, Credentials, Frame, FrameLimits, Framer, LoginFailure};
+use crate::secret::Secret;
+
+/// How a session starts, fixed by its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The connection is already TLS (implicit TLS listener).
+    pub tls_active: bool,
+    /// The listener offers STARTTLS.
+    pub starttls: bool,
+    /// The listener is plaintext on loopback: treated as private.
+    pub loopback_plaintext: bool,
+    pub limits: FrameLimits,
+}
+
+#[derive(Debug)]
+enum State {
+    NotAuthenticated,
+    /// An AUTHENTICATE exchange waits for the client's next line.
+    Sasl { tag: String, step: SaslStep },
+    /// STARTTLS was accepted; waiting for the driver's handshake.
+    StartingTls,
+    /// Credentials went to the driver; waiting for the login's outcome.
+    AwaitingLogin { tag: String },
+    Relaying,
+    Closed,
+}
+
+#[derive(Debug)]
+enum SaslStep {
+    Plain,
+    LoginUsername,
+    LoginPassword { username: String },
+}
+
+/// base64 of `Username:` and `Password:`, the customary AUTH LOGIN prompts.
+const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
+const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
+
+/// The client side of one IMAP connection, until it is spliced.
+#[derive(Debug)]
+pub struct Session {
+    options: Options,
+    state: State,
+    input: BytesMut,
+    framer: Framer,
+    actions: VecDeque<Action>,
+}
+
+impl Session {
+    /// A new session; its first action sends the greeting.
+    pub fn new(options: Options) -> Self {
+        let mut session = Self {
+            options,
+            state: State::NotAuthenticated,
+            input: BytesMut::new(),
+            framer: Framer::new(options.limits),
+            actions: VecDeque::new(),
+        };
+        let greeting = encode::greeting(&session.capabilities());
+        session.send(greeting);
+        session
+    }
+
+    /// Adds bytes read from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if !matches!(self.state, State::Closed) {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// The next thing to do, or `None` when the session needs more client
+    /// bytes or is waiting for a `tls_established` / `login_*` call.
+    pub fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if !self.step() {
+                return None;
+            }
+        }
+    }
+
+    /// The driver finished the TLS handshake that `Action::StartTls` asked for.
+    pub fn tls_established(&mut self) {
+        self.options.tls_active = true;
+        // Bytes that arrived before the handshake are plaintext injected
+        // ahead of TLS; they must not be read as commands (RFC 2595 §3.1).
+        self.input.clear();
+        self.framer.reset();
+        if matches!(self.state, State::StartingTls) {
+            self.state = State::NotAuthenticated;
+        }
+    }
+
+    /// The upstream login succeeded with these capabilities.
+    pub fn login_succeeded<S: AsRef<str>>(&mut self, upstream_capabilities: &[S]) {
+        let State::AwaitingLogin { tag } = std::mem::replace(&mut self.state, State::Relaying) else {
+            return;
+        };
+        let caps = capability::after_login(upstream_capabilities);
+        let code = format!("CAPABILITY {}", caps.join(" "));
+        self.send(encode::tagged(&tag, "OK", Some(&code), "Logged in"));
+        let to_upstream = self.input.split().freeze();
+        self.actions.push_back(Action::Splice { to_upstream });
+    }
+
+    /// The login failed; tell the client why and read its next command.
+    pub fn login_failed(&mut self, failure: LoginFailure) {
+        let State::AwaitingLogin { tag } =
+            std::mem::replace(&mut self.state, State::NotAuthenticated)
+        else {
+            return;
+        };
+        let (code, text) = match failure {
+            LoginFailure::BadCredentials => ("AUTHENTICATIONFAILED", "Authentication failed"),
+            LoginFailure::Unavailable => {
+                ("UNAVAILABLE", "Upstream mail service unavailable, try again later")
+            }
+            LoginFailure::NeedsAuthorization => (
+                "UNAVAILABLE",
+                "This account must be authorized again by the mailgate administrator",
+            ),
+            LoginFailure::InUse => ("INUSE", "Mailbox in use"),
+        };
+        self.send(encode::tagged(&tag, "NO", Some(code), text));
+    }
+
+    /// Says goodbye and closes, for a gateway that is shutting down.
+    pub fn shutdown(&mut self) {
+        if !matches!(self.state, State::Relaying | State::Closed) {
+            self.close_with(encode::bye("mailgate shutting down"));
+        }
+    }
+
+    fn secure(&self) -> bool {
+        self.options.tls_active || self.options.loopback_plaintext
+    }
+
+    fn capabilities(&self) -> Vec<&'static str> {
+        capability::before_login(self.secure(), self.options.starttls && !self.options.tls_active)
+    }
+
+    fn send(&mut self, bytes: Bytes) {
+        self.actions.push_back(Action::Send(bytes));
+    }
+
+    fn close_with(&mut self, bytes: Bytes) {
+        self.send(bytes);
+        self.actions.push_back(Action::Close);
+        self.state = State::Closed;
+        self.input.clear();
+    }
+
+    /// Handles at most one frame. Returns whether anything happened.
+    fn step(&mut self) -> bool {
+        let literals = match self.state {
+            State::NotAuthenticated => true,
+            State::Sasl { .. } => false,
+            _ => return false,
+        };
+        let Some(frame) = self.framer.next(&mut self.input, literals) else {
+            return false;
+        };
+        match frame {
+            Frame::Complete(line) => match std::mem::replace(&mut self.state, State::NotAuthenticated) {
+                State::Sasl { tag, step } => self.sasl_line(tag, step, &line),
+                _ => self.command(&line),
+            },
+            Frame::LiteralAnnounced => self.send(encode::continuation("Ready for literal data")),
+            Frame::TooLong { head } => {
+                let tag = self.abandon_sasl().or_else(|| parse::leading_tag(&head).map(str::to_owned));
+                self.send(encode::bad(tag.as_deref(), "Line too long"));
+            }
+            Frame::LiteralTooLarge { head, synchronizing } => {
+                if synchronizing {
+                    let tag = parse::leading_tag(&head).map(str::to_owned);
+                    self.send(encode::bad(tag.as_deref(), "Literal too large"));
+                } else {
+                    // Its bytes are already coming; there is no way to find
+                    // the next command boundary (RFC 7888 §4).
+                    self.close_with(encode::bye("Literal too large"));
+                }
+            }
+        }
+        true
+    }
+
+    /// Ends an AUTHENTICATE exchange that was interrupted; returns its tag.
+    fn abandon_sasl(&mut self) -> Option<String> {
+        match std::mem::replace(&mut self.state, State::NotAuthenticated) {
+            State::Sasl { tag, .. } => Some(tag),
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) {
+        let Ok(tagged) = parse::command(line) else {
+            let tag = parse::leading_tag(line).map(str::to_owned);
+            self.send(encode::bad(tag.as_deref(), "Syntax error"));
+            return;
+        };
+        let tag = tagged.tag;
+        match tagged.command {
+            Command::Capability => {
+                let caps = encode::capability(&self.capabilities());
+                self.send(caps);
+                self.send(encode::tagged(tag, "OK", None, "CAPABILITY completed"));
+            }
+            Command::Noop => self.send(encode::tagged(tag, "OK", None, "NOOP completed")),
+            Command::Id => {
+                self.send(Bytes::from_static(b"* ID (\"name\" \"mailgate\")\r\n"));
+                self.send(encode::tagged(tag, "OK", None, "ID completed"));
+            }
+            Command::Logout => {
+                let mut bytes = BytesMut::from(&encode::bye("Logging out")[..]);
+                bytes.extend_from_slice(&encode::tagged(tag, "OK", None, "LOGOUT completed"));
+                self.close_with(bytes.freeze());
+            }
+            Command::StartTls => {
+                if self.options.starttls && !self.options.tls_active {
+                    self.send(encode::tagged(tag, "OK", None, "Begin TLS negotiation now"));
+                    self.actions.push_back(Action::StartTls);
+                    self.state = State::StartingTls;
+                } else {
+                    self.send(encode::tagged(tag, "BAD", None, "STARTTLS not available"));
+                }
+            }
+            Command::Login { username, password } => {
+                if !self.secure() {
+                    self.refuse_cleartext(tag);
+                    return;
+                }
+                match sasl::username(&username) {
+                    Ok(username) => {
+                        let credentials = Credentials { username, password: Secret::new(password) };
+                        self.authenticate(tag.to_owned(), credentials);
+                    }
+                    Err(_) => self.send(encode::tagged(
+                        tag,
+                        "NO",
+                        Some("AUTHENTICATIONFAILED"),
+                        "Authentication failed",
+                    )),
+                }
+            }
+            Command::Authenticate { mechanism, initial_response } => {
+                if !self.secure() {
+                    self.refuse_cleartext(tag);
+                    return;
+                }
+                let tag = tag.to_owned();
+                if mechanism.eq_ignore_ascii_case(b"PLAIN") {
+                    match initial_response {
+                        Some(ir) => self.sasl_line(tag, SaslStep::Plain, ir),
+                        None => {
+                            self.send(encode::continuation(""));
+                            self.state = State::Sasl { tag, step: SaslStep::Plain };
+                        }
+                    }
+                } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
+                    match initial_response {
+                        Some(ir) => self.sasl_line(tag, SaslStep::LoginUsername, ir),
+                        None => {
+                            self.send(encode::continuation(LOGIN_USERNAME_PROMPT));
+                            self.state = State::Sasl { tag, step: SaslStep::LoginUsername };
+                        }
+                    }
+                } else {
+                    self.send(encode::tagged(&tag, "NO", None, "Unsupported authentication mechanism"));
+                }
+            }
+            Command::Other(_) => {
+                self.send(encode::tagged(tag, "BAD", None, "Command not valid before login"));
+            }
+        }
+    }
+
+    fn refuse_cleartext(&mut self, tag: &str) {
+        self.send(encode::tagged(tag, "NO", Some("PRIVACYREQUIRED"), "Use STARTTLS first"));
+    }
+
+    /// One client line of an AUTHENTICATE exchange (RFC 9051 §6.2.2).
+    fn sasl_line(&mut self, tag: String, step: SaslStep, line: &[u8]) {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line == b"*" {
+            self.send(encode::tagged(&tag, "BAD", None, "Authentication cancelled"));
+            return;
+        }
+        let outcome = match step {
+            SaslStep::Plain => sasl::decode_plain(line).map(Some),
+            SaslStep::LoginUsername => sasl::decode_base64(line)
+                .and_then(|u| sasl::username(&u))
+                .map(|username| {
+                    self.send(encode::continuation(LOGIN_PASSWORD_PROMPT));
+                    self.state = State::Sasl {
+                        tag: tag.clone(),
+                        step: SaslStep::LoginPassword { username },
+                    };
+                    None
+                }),
+            SaslStep::LoginPassword { username } => sasl::decode_base64(line).map(|password| {
+                Some(Credentials { username, password: Secret::new(password) })
+            }),
+        };
+        match outcome {
+            Ok(Some(credentials)) => self.authenticate(tag, credentials),
+            Ok(None) => {}
+            Err(e) => self.send(encode::tagged(&tag, "BAD", None, &format!("Invalid SASL response: {e}"))),
+        }
+    }
+
+    fn authenticate(&mut self, tag: String, credentials: Credentials) {
+        self.actions.push_back(Action::Authenticate(credentials));
+        self.state = State::AwaitingLogin { tag };
+    }
+}

@@ -1,0 +1,265 @@
+//! Our own login at the upstream: greeting, optional STARTTLS, CAPABILITY,
+//! `AUTHENTICATE XOAUTH2`, and the provider's error challenge.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::capability;
+use super::parse::{self, Code, Response, Status};
+use crate::proto::sasl;
+use crate::proto::{Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure};
+use crate::secret::Secret;
+
+/// How the upstream connection gets private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// TLS from the first byte (port 993).
+    Implicit,
+    /// Plaintext greeting, then `STARTTLS` (port 143).
+    StartTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Greeting,
+    StartTls,
+    StartingTls,
+    Capability,
+    /// `AUTHENTICATE XOAUTH2` sent. `responded`: our base64 went out.
+    /// `challenge`: the provider's error challenge, once seen.
+    Authenticate { responded: bool, challenge: Option<Option<u16>> },
+    PostLoginCapability,
+    Done,
+}
+
+/// Upstream lines are longer than client lines (capability lists, ID
+/// answers), but before login nothing legitimate comes near 64 KiB.
+const UPSTREAM_LIMITS: FrameLimits = FrameLimits { max_line: 64 * 1024, max_literal: 0 };
+
+/// Logs in at an IMAP upstream with XOAUTH2. Fed upstream bytes, yields
+/// [`UpstreamAction`]s until `LoggedIn` or `Failed`.
+#[derive(Debug)]
+pub struct Upstream {
+    state: State,
+    tls: UpstreamTls,
+    response: Secret<String>,
+    capabilities: Vec<String>,
+    input: BytesMut,
+    framer: Framer,
+    actions: VecDeque<UpstreamAction>,
+}
+
+impl Upstream {
+    /// A login as `mailbox` with `access_token`.
+    pub fn new(mailbox: &str, access_token: &Secret<String>, tls: UpstreamTls) -> Self {
+        Self {
+            state: State::Greeting,
+            tls,
+            response: sasl::xoauth2(mailbox, access_token),
+            capabilities: Vec::new(),
+            input: BytesMut::new(),
+            framer: Framer::new(UPSTREAM_LIMITS),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Adds bytes read from the upstream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        match self.state {
+            State::Done => {}
+            // The driver hands the socket to the TLS handshake after
+            // `StartTls`; plaintext now would be injected (RFC 2595 §3.1).
+            State::StartingTls if !bytes.is_empty() => self.fail("upstream sent data after STARTTLS"),
+            _ => self.input.extend_from_slice(bytes),
+        }
+    }
+
+    /// The next thing to do, or `None` when more upstream bytes are needed.
+    pub fn next_action(&mut self) -> Option<UpstreamAction> {
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if matches!(self.state, State::Done | State::StartingTls) {
+                return None;
+            }
+            let frame = self.framer.next(&mut self.input, false)?;
+            match frame {
+                Frame::Complete(line) => self.line(&line),
+                _ => self.fail("upstream sent an overlong line"),
+            }
+        }
+    }
+
+    /// The TLS handshake after `STARTTLS` is done.
+    pub fn tls_established(&mut self) {
+        if self.state == State::StartingTls {
+            // Capabilities must be asked again after STARTTLS (RFC 9051 §6.2.1).
+            self.capabilities.clear();
+            self.send(Bytes::from_static(b"m2 CAPABILITY\r\n"));
+            self.state = State::Capability;
+        }
+    }
+
+    fn send(&mut self, bytes: Bytes) {
+        self.actions.push_back(UpstreamAction::Send(bytes));
+    }
+
+    fn fail(&mut self, why: &str) {
+        self.finish(UpstreamAction::Failed(UpstreamFailure::Protocol(why.to_owned())));
+    }
+
+    fn finish(&mut self, action: UpstreamAction) {
+        self.actions.push_back(action);
+        self.state = State::Done;
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let response = match parse::response(line) {
+            Ok(r) => r,
+            // Untagged data we don't need (ID answers, odd servers) is not
+            // a reason to fail a login.
+            Err(()) if line.starts_with(b"* ") => return,
+            Err(()) => return self.fail("upstream sent an unparseable response"),
+        };
+        match (self.state, response) {
+            (_, Response::Untagged { status, .. }) if status.eq_ignore_ascii_case(b"BYE") => {
+                self.fail("upstream closed the connection (BYE)");
+            }
+            (State::Greeting, Response::Untagged { status, code }) => {
+                if !status.eq_ignore_ascii_case(b"OK") {
+                    return self.fail("upstream greeting is not OK");
+                }
+                if let Some(Code::Capabilities(caps)) = code {
+                    self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+                }
+                if self.tls == UpstreamTls::StartTls {
+                    self.send(Bytes::from_static(b"m1 STARTTLS\r\n"));
+                    self.state = State::StartTls;
+                } else if self.capabilities.is_empty() {
+                    self.send(Bytes::from_static(b"m2 CAPABILITY\r\n"));
+                    self.state = State::Capability;
+                } else {
+                    self.authenticate();
+                }
+            }
+            (State::StartTls, Response::Tagged { tag: "m1", status, .. }) => {
+                if status != Status::Ok {
+                    return self.fail("upstream refused STARTTLS");
+                }
+                if !self.input.is_empty() {
+                    // Anything after the OK and before the handshake would be
+                    // injected plaintext (RFC 2595 §3.1).
+                    return self.fail("upstream sent data after STARTTLS");
+                }
+                self.actions.push_back(UpstreamAction::StartTls);
+                self.state = State::StartingTls;
+            }
+            (State::Capability | State::PostLoginCapability | State::Authenticate { .. }, Response::Capabilities(caps)) => {
+                self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+            }
+            (State::Capability, Response::Tagged { tag: "m2", status, .. }) => {
+                if status != Status::Ok {
+                    return self.fail("upstream refused CAPABILITY");
+                }
+                self.authenticate();
+            }
+            (State::Authenticate { responded, challenge }, Response::Continue(text)) => {
+                if !responded {
+                    let mut bytes = BytesMut::from(self.response.expose().as_bytes());
+                    bytes.extend_from_slice(b"\r\n");
+                    self.send(bytes.freeze());
+                    self.state = State::Authenticate { responded: true, challenge };
+                } else {
+                    // The provider's error challenge. Answer with an empty
+                    // line to get the tagged NO (Google's XOAUTH2 protocol).
+                    let status = sasl::xoauth2_error_status(text);
+                    self.send(Bytes::from_static(b"\r\n"));
+                    self.state = State::Authenticate { responded, challenge: Some(status) };
+                }
+            }
+            (State::Authenticate { challenge, .. }, Response::Tagged { tag: "m3", status, code, .. }) => {
+                if status != Status::Ok {
+                    let in_use = matches!(code, Some(Code::Other(c)) if c.eq_ignore_ascii_case(b"INUSE"));
+                    let status = challenge.flatten();
+                    return self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected { status, in_use }));
+                }
+                match code {
+                    Some(Code::Capabilities(caps)) => {
+                        self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+                        self.logged_in();
+                    }
+                    _ => {
+                        self.capabilities.clear();
+                        self.send(Bytes::from_static(b"m4 CAPABILITY\r\n"));
+                        self.state = State::PostLoginCapability;
+                    }
+                }
+            }
+            (State::PostLoginCapability, Response::Tagged { tag: "m4", .. }) => self.logged_in(),
+            (_, Response::Untagged { .. }) => {}
+            (_, Response::Tagged { .. } | Response::Continue(_)) => {
+                self.fail("upstream sent an unexpected response");
+            }
+            (_, Response::Capabilities(_)) => {}
+        }
+    }
+
+    fn authenticate(&mut self) {
+        let responded = capability::has(&self.capabilities, "SASL-IR");
+        let command = if responded {
+            format!("m3 AUTHENTICATE XOAUTH2 {}\r\n", self.response.expose())
+        } else {
+            "m3 AUTHENTICATE XOAUTH2\r\n".to_owned()
+        };
+        self.send(Bytes::from(command));
+        self.state = State::Authenticate { responded, challenge: None };
+    }
+
+    fn logged_in(&mut self) {
+        let to_client = self.input.split().freeze();
+        let capabilities = std::mem::take(&mut self.capabilities);
+        self.finish(UpstreamAction::LoggedIn { capabilities, to_client });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(up: &mut Upstream) -> Vec<UpstreamAction> {
+        std::iter::from_fn(|| up.next_action()).collect()
+    }
+
+    fn protocol_failure(actions: &[UpstreamAction]) -> bool {
+        matches!(actions.last(), Some(UpstreamAction::Failed(UpstreamFailure::Protocol(_))))
+    }
+
+    /// Plaintext after the upstream's STARTTLS OK would be read as if it came
+    /// over TLS: refuse it whether it arrives with the OK or after it.
+    #[test]
+    fn data_after_starttls_ok_fails_the_login() {
+        let token = Secret::new("tok".to_owned());
+        let mut up = Upstream::new("a@b", &token, UpstreamTls::StartTls);
+        up.feed(b"* OK ready\r\nm1 OK go\r\n* OK injected\r\n");
+        assert!(protocol_failure(&drain(&mut up)));
+
+        let mut up = Upstream::new("a@b", &token, UpstreamTls::StartTls);
+        up.feed(b"* OK ready\r\nm1 OK go\r\n");
+        assert_eq!(drain(&mut up).last(), Some(&UpstreamAction::StartTls));
+        up.feed(b"* OK injected\r\n");
+        assert!(protocol_failure(&drain(&mut up)));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let token = Secret::new("very-secret-token".to_owned());
+        let mut up = Upstream::new("a@b", &token, UpstreamTls::Implicit);
+        up.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n");
+        let actions = drain(&mut up);
+        let shown = format!("{up:?} {actions:?}");
+        assert!(!shown.contains("very-secret-token"));
+        assert!(!shown.contains(sasl::xoauth2("a@b", &token).expose()));
+    }
+}

@@ -1,0 +1,16 @@
+//! mailgate: a TLS IMAP and POP3 gateway. Legacy clients log in with local
+//! passwords; mailgate logs in upstream with OAuth 2.0 (SASL XOAUTH2) and then
+//! relays bytes unchanged.
+//!
+//! Module map, arrows pointing down only:
+//! - [`proto`], [`imap`]: sans-io protocol code (no tokio, rustls, reqwest).
+//! - `config`: the file and environment, validated into typed values.
+//! - `tls`: rustls configurations, built once; self-signed certificates.
+//! - `oauth`: token grants, the single-flight token cache, the token store.
+//! - `account`: local password verification.
+//! - `server`: listeners, the connection pipeline, upstream dialling, relay.
+//! - `app`: wiring from a validated `Config` to running listeners.
+
+pub mod imap;
+pub mod proto;
+pub mod secret;

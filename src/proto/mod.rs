@@ -1,0 +1,99 @@
+//! The sans-io vocabulary that the IMAP and POP3 gateways share.
+//!
+//! A client session ([`crate::imap::Session`], later POP3's) is fed client
+//! bytes and yields [`Action`]s. An upstream login ([`crate::imap::Upstream`])
+//! is fed upstream bytes and yields [`UpstreamAction`]s. Neither awaits, opens
+//! a socket or reads a clock: `server::connection` owns the wire.
+
+pub mod frame;
+pub mod sasl;
+
+use bytes::Bytes;
+
+use crate::secret::Secret;
+
+pub use frame::{Frame, FrameLimits, Framer};
+
+/// The local credentials a client presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The local username (an account's `username`).
+    pub username: String,
+    /// The local password, as sent.
+    pub password: Secret<Vec<u8>>,
+}
+
+/// What a client session asks its driver to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write these bytes to the client.
+    Send(Bytes),
+    /// Upgrade the client connection to TLS, then call `tls_established`.
+    StartTls,
+    /// Check these local credentials, log in upstream, then call
+    /// `login_succeeded` or `login_failed`.
+    Authenticate(Credentials),
+    /// Login is complete: write `to_upstream` (client bytes that were already
+    /// buffered) to the upstream, then relay both ways unchanged.
+    Splice { to_upstream: Bytes },
+    /// Close the client connection.
+    Close,
+}
+
+/// Why a login failed, in the terms the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// Wrong local credentials, or the upstream refused the token for good.
+    BadCredentials,
+    /// The upstream or the OAuth server could not be reached; try later.
+    Unavailable,
+    /// The account needs an administrator to authorize it again.
+    NeedsAuthorization,
+    /// The upstream reports the mailbox as locked by another session.
+    InUse,
+}
+
+/// What an upstream login asks its driver to do next.
+///
+/// `Debug` shows only the length of bytes to send: they carry the token.
+#[derive(PartialEq, Eq)]
+pub enum UpstreamAction {
+    /// Write these bytes to the upstream.
+    Send(Bytes),
+    /// Upgrade the upstream connection to TLS, then call `tls_established`.
+    StartTls,
+    /// Logged in. `capabilities` is the upstream's list after login;
+    /// `to_client` holds upstream bytes that followed the login reply and
+    /// belong to the client.
+    LoggedIn {
+        capabilities: Vec<String>,
+        to_client: Bytes,
+    },
+    /// The login failed; the connection is of no further use.
+    Failed(UpstreamFailure),
+}
+
+/// Why an upstream login failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The upstream rejected the token. `status` is the HTTP-like status from
+    /// the provider's error challenge (400, 401, ...), when it sent one.
+    Rejected { status: Option<u16>, in_use: bool },
+    /// The upstream said something we can't follow, or said goodbye.
+    Protocol(String),
+}
+
+impl std::fmt::Debug for UpstreamAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send(bytes) => write!(f, "Send(<{} bytes>)", bytes.len()),
+            Self::StartTls => f.write_str("StartTls"),
+            Self::LoggedIn { capabilities, to_client } => f
+                .debug_struct("LoggedIn")
+                .field("capabilities", capabilities)
+                .field("to_client", &to_client.len())
+                .finish(),
+            Self::Failed(failure) => f.debug_tuple("Failed").field(failure).finish(),
+        }
+    }
+}

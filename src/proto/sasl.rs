@@ -1,0 +1,139 @@
+//! SASL codecs: PLAIN and LOGIN from clients (RFC 4616), XOAUTH2 to
+//! upstreams, and the provider's XOAUTH2 error challenge.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+use super::Credentials;
+use crate::secret::Secret;
+
+/// Why a client's SASL message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SaslError {
+    #[error("invalid base64")]
+    Base64,
+    #[error("malformed PLAIN message")]
+    Plain,
+    #[error("username is not UTF-8")]
+    Utf8,
+}
+
+/// Decodes one base64 line of a SASL exchange. `=` is the empty response
+/// (RFC 9051 §6.2.2).
+///
+/// # Errors
+/// [`SaslError::Base64`] when the line is not base64.
+pub fn decode_base64(line: &[u8]) -> Result<Vec<u8>, SaslError> {
+    if line == b"=" {
+        return Ok(Vec::new());
+    }
+    STANDARD.decode(line).map_err(|_| SaslError::Base64)
+}
+
+/// Decodes a base64 PLAIN message: `[authzid] NUL authcid NUL passwd`
+/// (RFC 4616 §2). The gateway logs in as `authcid`; `authzid` is ignored.
+///
+/// # Errors
+/// When the base64, the framing or the username's UTF-8 is wrong.
+pub fn decode_plain(line: &[u8]) -> Result<Credentials, SaslError> {
+    let message = decode_base64(line)?;
+    let mut parts = message.splitn(3, |&b| b == 0);
+    let (Some(_authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(SaslError::Plain);
+    };
+    if authcid.is_empty() || password.contains(&0) {
+        return Err(SaslError::Plain);
+    }
+    Ok(Credentials {
+        username: username(authcid)?,
+        password: Secret::new(password.to_vec()),
+    })
+}
+
+/// A username from a LOGIN step or an IMAP argument.
+///
+/// # Errors
+/// [`SaslError::Utf8`] when it is not UTF-8.
+pub fn username(bytes: &[u8]) -> Result<String, SaslError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| SaslError::Utf8)
+}
+
+/// The base64 XOAUTH2 initial response:
+/// `user=<mailbox>^Aauth=Bearer <token>^A^A`.
+pub fn xoauth2(mailbox: &str, access_token: &Secret<String>) -> Secret<String> {
+    let raw = format!(
+        "user={mailbox}\x01auth=Bearer {}\x01\x01",
+        access_token.expose()
+    );
+    Secret::new(STANDARD.encode(raw))
+}
+
+/// The HTTP-like status in a provider's XOAUTH2 error challenge, a base64
+/// JSON object such as `{"status":"401","schemes":"bearer","scope":"..."}`.
+/// Google and Dovecot send the status as a string, some servers as a number,
+/// and RFC 7628-style servers as `invalid_token` (which means 401).
+pub fn xoauth2_error_status(challenge: &[u8]) -> Option<u16> {
+    let json = STANDARD.decode(challenge.trim_ascii()).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    match value.get("status")? {
+        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        serde_json::Value::String(s) if s == "invalid_token" => Some(401),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &[u8]) -> Vec<u8> {
+        STANDARD.encode(s).into_bytes()
+    }
+
+    #[test]
+    fn plain_uses_authcid_and_keeps_password_bytes() {
+        let c = decode_plain(&b64(b"admin\0alice\0p\xc3\xa4ss word")).unwrap();
+        assert_eq!(c.username, "alice");
+        assert_eq!(c.password.expose(), b"p\xc3\xa4ss word");
+        let c = decode_plain(&b64(b"\0bob\0x")).unwrap();
+        assert_eq!(c.username, "bob");
+    }
+
+    #[test]
+    fn plain_rejects_malformed_messages() {
+        assert_eq!(decode_plain(b"!!!"), Err(SaslError::Base64));
+        assert_eq!(decode_plain(&b64(b"alice\0pw")), Err(SaslError::Plain));
+        assert_eq!(decode_plain(&b64(b"\0\0pw")), Err(SaslError::Plain));
+        assert_eq!(decode_plain(&b64(b"\0a\0p\0w")), Err(SaslError::Plain));
+        assert_eq!(decode_plain(&b64(b"\0\xff\0pw")), Err(SaslError::Utf8));
+        assert_eq!(decode_plain(b"="), Err(SaslError::Plain));
+    }
+
+    #[test]
+    fn xoauth2_encodes_the_documented_format() {
+        let r = xoauth2("someuser@example.com", &Secret::new("ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg".into()));
+        // The example from Google's XOAUTH2 protocol documentation.
+        assert_eq!(
+            r.expose(),
+            "dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0Q2cBAQ=="
+        );
+    }
+
+    #[test]
+    fn xoauth2_error_status_known_answers() {
+        let cases: [(&str, Option<u16>); 6] = [
+            (r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#, Some(401)),
+            (r#"{"status":400}"#, Some(400)),
+            (r#"{"status":"invalid_token","schemes":"bearer"}"#, Some(401)),
+            (r#"{"status":"500"}"#, Some(500)),
+            (r#"{"schemes":"bearer"}"#, None),
+            ("not json", None),
+        ];
+        for (json, want) in cases {
+            assert_eq!(xoauth2_error_status(&b64(json.as_bytes())), want, "{json}");
+        }
+        assert_eq!(xoauth2_error_status(b"%%%"), None);
+    }
+}
