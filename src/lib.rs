@@ -3,14 +3,29 @@
 //! relays bytes unchanged.
 //!
 //! Module map, arrows pointing down only:
-//! - [`proto`], [`imap`]: sans-io protocol code (no tokio, rustls, reqwest).
+//! - [`proto`], [`imap`], [`secret`]: sans-io protocol code (no tokio,
+//!   rustls or reqwest), built even without the `server` feature so that
+//!   the fuzz targets compile only these.
 //! - `config`: the file and environment, validated into typed values.
 //! - `tls`: rustls configurations, built once; self-signed certificates.
 //! - `oauth`: token grants, the single-flight token cache, the token store.
 //! - `account`: local password verification.
-//! - `server`: listeners, the connection pipeline, upstream dialling, relay.
+//! - `server`: listeners, the connection pipeline, upstream login, relay.
 //! - `app`: wiring from a validated `Config` to running listeners.
 
 pub mod imap;
 pub mod proto;
 pub mod secret;
+
+#[cfg(feature = "server")]
+pub mod account;
+#[cfg(feature = "server")]
+pub mod app;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod oauth;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod tls;

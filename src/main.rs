@@ -1,1 +1,145 @@
-fn main(){}
+//! The command line: `run`, `check-config`, `hash-password`.
+
+use std::io::{IsTerminal as _, Read as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mailgate::config::Config;
+
+/// Exit status for a bad config (EX_USAGE... EX_DATAERR is 65; sysexits'
+/// EX_USAGE, 64, is what the issue and our docs promise).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "mailgate", version, about = "TLS IMAP/POP3 gateway: password logins in, OAuth 2.0 XOAUTH2 upstream")]
+struct Cli {
+    /// The config file.
+    #[arg(short, long, env = "MAILGATE_CONFIG", default_value = "/etc/mailgate/mailgate.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run,
+    /// Validate the config and print a summary (secrets redacted).
+    CheckConfig,
+    /// Hash a local password for an account's `password_hash`. Reads the
+    /// password from the terminal, or from stdin when it is not a terminal.
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::HashPassword => hash_password(),
+        Command::CheckConfig => match Config::load(&cli.config) {
+            Ok(config) => {
+                print!("{}", config.summary());
+                println!("config OK");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&cli.config, &e),
+        },
+        Command::Run => {
+            init_tracing();
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&cli.config, &e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mailgate: can't start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let running = match mailgate::app::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "start failed");
+            eprintln!("mailgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn config_error(path: &std::path::Path, e: &mailgate::config::ConfigError) -> ExitCode {
+    eprintln!("mailgate: config {}: {e}", path.display());
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn hash_password() -> ExitCode {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ");
+        let second = rpassword::prompt_password("Again: ");
+        match (first, second) {
+            (Ok(a), Ok(b)) if a == b => a,
+            (Ok(_), Ok(_)) => {
+                eprintln!("mailgate: the passwords differ");
+                return ExitCode::FAILURE;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("mailgate: can't read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            eprintln!("mailgate: can't read the password from stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+        // One trailing newline is the line ending, not the password.
+        let trimmed = s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s));
+        trimmed.unwrap_or(&s).to_owned()
+    };
+    if password.is_empty() {
+        eprintln!("mailgate: empty password");
+        return ExitCode::FAILURE;
+    }
+    match mailgate::account::hash_password(password.as_bytes()) {
+        Ok(hash) => {
+            println!("{}", hash.expose());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -8,4 +8,5 @@ mod session;
 mod upstream;
 
 pub use session::{Options, Session};
-pub use upstream::{Upstream, UpstreamTls};
+pub use crate::proto::UpstreamTls;
+pub use upstream::Upstream;

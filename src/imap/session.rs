@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use super::parse::{self, Command};
 use super::{capability, encode};
 use crate::proto::sasl;
-use crate::proto::{Action, Credentials, Frame, FrameLimits, Framer, LoginFailure};
+use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
 use crate::secret::Secret;
 
 /// How a session starts, fixed by its listener.
@@ -327,5 +327,26 @@ impl Session {
     fn authenticate(&mut self, tag: String, credentials: Credentials) {
         self.actions.push_back(Action::Authenticate(credentials));
         self.state = State::AwaitingLogin { tag };
+    }
+}
+
+impl ClientSession for Session {
+    fn feed(&mut self, bytes: &[u8]) {
+        Session::feed(self, bytes);
+    }
+    fn next_action(&mut self) -> Option<Action> {
+        Session::next_action(self)
+    }
+    fn tls_established(&mut self) {
+        Session::tls_established(self);
+    }
+    fn login_succeeded(&mut self, upstream_capabilities: &[String]) {
+        Session::login_succeeded(self, upstream_capabilities);
+    }
+    fn login_failed(&mut self, failure: LoginFailure) {
+        Session::login_failed(self, failure);
+    }
+    fn shutdown(&mut self) {
+        Session::shutdown(self);
     }
 }

@@ -8,17 +8,8 @@ use bytes::{Bytes, BytesMut};
 use super::capability;
 use super::parse::{self, Code, Response, Status};
 use crate::proto::sasl;
-use crate::proto::{Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure};
+use crate::proto::{Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls};
 use crate::secret::Secret;
-
-/// How the upstream connection gets private.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamTls {
-    /// TLS from the first byte (port 993).
-    Implicit,
-    /// Plaintext greeting, then `STARTTLS` (port 143).
-    StartTls,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -221,6 +212,18 @@ impl Upstream {
         let to_client = self.input.split().freeze();
         let capabilities = std::mem::take(&mut self.capabilities);
         self.finish(UpstreamAction::LoggedIn { capabilities, to_client });
+    }
+}
+
+impl UpstreamLogin for Upstream {
+    fn feed(&mut self, bytes: &[u8]) {
+        Upstream::feed(self, bytes);
+    }
+    fn next_action(&mut self) -> Option<UpstreamAction> {
+        Upstream::next_action(self)
+    }
+    fn tls_established(&mut self) {
+        Upstream::tls_established(self);
     }
 }
 

@@ -40,6 +40,34 @@ pub enum Action {
     Close,
 }
 
+/// A client conversation before login (IMAP's, POP3's), as the driver
+/// sees it.
+pub trait ClientSession {
+    /// Adds bytes read from the client.
+    fn feed(&mut self, bytes: &[u8]);
+    /// The next action, or `None` when more client bytes are needed (or the
+    /// session waits for one of the calls below).
+    fn next_action(&mut self) -> Option<Action>;
+    /// The handshake that `Action::StartTls` asked for is done.
+    fn tls_established(&mut self);
+    /// The login that `Action::Authenticate` asked for succeeded.
+    fn login_succeeded(&mut self, upstream_capabilities: &[String]);
+    /// The login failed.
+    fn login_failed(&mut self, failure: LoginFailure);
+    /// The gateway is shutting down: say goodbye unless logged in.
+    fn shutdown(&mut self);
+}
+
+/// Our own login at an upstream (IMAP's, POP3's), as the driver sees it.
+pub trait UpstreamLogin {
+    /// Adds bytes read from the upstream.
+    fn feed(&mut self, bytes: &[u8]);
+    /// The next action, or `None` when more upstream bytes are needed.
+    fn next_action(&mut self) -> Option<UpstreamAction>;
+    /// The handshake that `UpstreamAction::StartTls` asked for is done.
+    fn tls_established(&mut self);
+}
+
 /// Why a login failed, in the terms the client is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginFailure {
@@ -51,6 +79,15 @@ pub enum LoginFailure {
     NeedsAuthorization,
     /// The upstream reports the mailbox as locked by another session.
     InUse,
+}
+
+/// How an upstream connection gets private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// TLS from the first byte (IMAP 993, POP3 995).
+    Implicit,
+    /// A plaintext greeting, then `STARTTLS` / `STLS`.
+    StartTls,
 }
 
 /// What an upstream login asks its driver to do next.

@@ -1,0 +1,478 @@
+//! Configuration: a TOML file, then `MAILGATE_*` environment overrides,
+//! validated in one step into typed values before any port is bound.
+//!
+//! Errors name the offending key, e.g.
+//! `accounts.jira.integration: no integration named "ms"`.
+
+mod raw;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Env, Format as _, Toml};
+use figment::Figment;
+use url::Url;
+
+use crate::imap::UpstreamTls;
+use crate::secret::Secret;
+
+pub use raw::{Grant, Protocol, Provider};
+
+/// A config error that names its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or deserialized.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A value is invalid.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub listeners: Vec<Listener>,
+    /// PEM files for the listeners; `None` means a self-signed certificate
+    /// kept in the state directory.
+    pub certificate: Option<CertificateFiles>,
+    pub limits: Limits,
+    pub oauth: OAuthSettings,
+    pub integrations: BTreeMap<String, Arc<Integration>>,
+    pub accounts: BTreeMap<String, Arc<Account>>,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub protocol: Protocol,
+    pub address: SocketAddr,
+    pub tls: ListenerTls,
+}
+
+/// How a listener's clients get TLS. Plaintext exists only on loopback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerTls {
+    Implicit,
+    StartTls,
+    Plaintext,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Caps and timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_line: usize,
+    pub max_literal: usize,
+    /// How long a failed login waits before its NO.
+    pub login_failure_delay: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// How long a client may take from connecting to logging in.
+    pub pre_auth_timeout: Duration,
+    /// The budget for dialling the upstream and logging in there.
+    pub upstream_timeout: Duration,
+}
+
+/// Default pre-login line cap; RFC 9051 §4 asks for at least 8000 octets.
+pub const DEFAULT_MAX_LINE: usize = 8192;
+/// Default pre-login literal cap: passwords and SASL responses are small.
+pub const DEFAULT_MAX_LITERAL: usize = 8192;
+/// A failed login waits 2 s: brute force gets slow, people don't notice.
+pub const DEFAULT_LOGIN_FAILURE_DELAY: Duration = Duration::from_secs(2);
+/// A TLS handshake needs two round trips; 10 s covers slow links.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pollers log in right away; a minute is generous (RFC 9051 §5.4 asks
+/// only for the 30-minute limit after login).
+pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upstream dial, TLS and XOAUTH2 login together.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// OAuth client behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OAuthSettings {
+    /// Accept `http://` endpoints on loopback addresses (tests only).
+    pub allow_insecure_loopback_http: bool,
+    pub request_timeout: Duration,
+    /// Refresh an access token this long before it expires.
+    pub refresh_margin: Duration,
+}
+
+/// Token endpoint calls are small; 30 s is patient but bounded.
+pub const DEFAULT_OAUTH_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Some Microsoft endpoints reject tokens with less than ~10 minutes left.
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
+
+/// An OAuth 2.0 client registration at a provider.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Integration {
+    pub name: String,
+    pub provider: Provider,
+    pub description: Option<String>,
+    pub client_id: String,
+    /// Write-only: never printed, never logged.
+    pub client_secret: Option<Secret<String>>,
+    pub scopes: Vec<String>,
+    pub authorization_endpoint: Url,
+    pub token_endpoint: Url,
+}
+
+/// A local login mapped to an upstream mailbox.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub username: String,
+    /// An argon2id PHC string.
+    pub password_hash: String,
+    pub integration: Arc<Integration>,
+    /// The XOAUTH2 `user=`; may differ from the token's owner.
+    pub mailbox: String,
+    pub grant: Grant,
+    pub refresh_token: Option<Secret<String>>,
+    pub imap: UpstreamServer,
+}
+
+/// An upstream mail server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamServer {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+    /// An extra CA, trusted beside the webpki roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path`, applies `MAILGATE_*` overrides, and validates.
+    ///
+    /// # Errors
+    /// When the file can't be read, or any value is invalid.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::file_exact(path))
+                .merge(Env::prefixed("MAILGATE_").split("__")),
+        )
+    }
+
+    /// Validates whatever `figment` holds.
+    ///
+    /// # Errors
+    /// When a value is missing or invalid.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let raw: raw::Config = figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        validate(raw)
+    }
+
+    /// The account whose local username is `username`.
+    pub fn account_by_username(&self, username: &str) -> Option<&Arc<Account>> {
+        self.accounts.values().find(|a| a.username == username)
+    }
+
+    /// A human summary, with secrets shown only as "set".
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "state_dir: {}", self.state_dir.display());
+        let _ = writeln!(
+            s,
+            "certificate: {}",
+            match &self.certificate {
+                Some(c) => format!("{} (key {})", c.cert.display(), c.key.display()),
+                None => "self-signed, kept in the state directory".into(),
+            }
+        );
+        for l in &self.listeners {
+            let _ = writeln!(s, "listener: {:?} on {} ({:?})", l.protocol, l.address, l.tls);
+        }
+        for i in self.integrations.values() {
+            let _ = writeln!(
+                s,
+                "integration {}: {:?}, client id {}, client secret {}, scopes [{}]\n  authorization {}\n  token {}",
+                i.name,
+                i.provider,
+                i.client_id,
+                if i.client_secret.is_some() { "set" } else { "not set" },
+                i.scopes.join(" "),
+                i.authorization_endpoint,
+                i.token_endpoint
+            );
+        }
+        for a in self.accounts.values() {
+            let _ = writeln!(
+                s,
+                "account {}: user {}, integration {}, mailbox {}, grant {:?}, imap {}:{} ({:?})",
+                a.name, a.username, a.integration.name, a.mailbox, a.grant, a.imap.host, a.imap.port, a.imap.tls
+            );
+        }
+        s
+    }
+}
+
+fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
+    let listeners = raw
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| listener(&format!("listeners[{i}]"), l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let limits = Limits {
+        max_line: positive("limits.max_line", raw.limits.max_line.unwrap_or(DEFAULT_MAX_LINE))?,
+        max_literal: raw.limits.max_literal.unwrap_or(DEFAULT_MAX_LITERAL),
+        login_failure_delay: raw.limits.login_failure_delay.unwrap_or(DEFAULT_LOGIN_FAILURE_DELAY),
+        tls_handshake_timeout: raw.limits.tls_handshake_timeout.unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+        pre_auth_timeout: raw.limits.pre_auth_timeout.unwrap_or(DEFAULT_PRE_AUTH_TIMEOUT),
+        upstream_timeout: raw.limits.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+    };
+    let oauth = OAuthSettings {
+        allow_insecure_loopback_http: raw.oauth.allow_insecure_loopback_http,
+        request_timeout: raw.oauth.request_timeout.unwrap_or(DEFAULT_OAUTH_REQUEST_TIMEOUT),
+        refresh_margin: raw.oauth.refresh_margin.unwrap_or(DEFAULT_REFRESH_MARGIN),
+    };
+    let mut integrations = BTreeMap::new();
+    for (name, i) in raw.integrations {
+        let key = format!("integrations.{name}");
+        integrations.insert(name.clone(), Arc::new(integration(&key, name, i, &oauth)?));
+    }
+    let mut accounts = BTreeMap::new();
+    let mut usernames = HashMap::new();
+    for (name, a) in raw.accounts {
+        let key = format!("accounts.{name}");
+        let account = account(&key, name.clone(), a, &integrations)?;
+        if let Some(other) = usernames.insert(account.username.clone(), name.clone()) {
+            return Err(invalid(
+                format!("{key}.username"),
+                format!("username {:?} is also used by account {other:?}", account.username),
+            ));
+        }
+        accounts.insert(name, Arc::new(account));
+    }
+    Ok(Config {
+        state_dir: raw.state_dir,
+        listeners,
+        certificate: raw.certificate.map(|c| CertificateFiles { cert: c.cert, key: c.key }),
+        limits,
+        oauth,
+        integrations,
+        accounts,
+    })
+}
+
+fn positive(key: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(n)
+}
+
+fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
+    let address: SocketAddr = l
+        .address
+        .parse()
+        .map_err(|e| invalid(format!("{key}.address"), format!("{:?} is not an IP:port address: {e}", l.address)))?;
+    let tls = match l.tls {
+        raw::ListenerTls::Implicit => ListenerTls::Implicit,
+        raw::ListenerTls::Starttls => ListenerTls::StartTls,
+        raw::ListenerTls::Plaintext => {
+            if !address.ip().is_loopback() {
+                return Err(invalid(
+                    format!("{key}.tls"),
+                    "plaintext is allowed only on a loopback address",
+                ));
+            }
+            ListenerTls::Plaintext
+        }
+    };
+    Ok(Listener { protocol: l.protocol, address, tls })
+}
+
+/// Google's and Microsoft's documented endpoints and mail scopes.
+fn provider_defaults(provider: Provider, tenant: &str) -> Option<(String, String, Vec<String>)> {
+    match provider {
+        Provider::Google => Some((
+            "https://accounts.google.com/o/oauth2/auth".into(),
+            "https://oauth2.googleapis.com/token".into(),
+            vec!["https://mail.google.com/".into()],
+        )),
+        Provider::Microsoft => Some((
+            format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"),
+            format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
+            vec![
+                "https://outlook.office.com/IMAP.AccessAsUser.All".into(),
+                "https://outlook.office.com/POP.AccessAsUser.All".into(),
+                "offline_access".into(),
+            ],
+        )),
+        Provider::Custom => None,
+    }
+}
+
+fn integration(
+    key: &str,
+    name: String,
+    i: raw::Integration,
+    oauth: &OAuthSettings,
+) -> Result<Integration, ConfigError> {
+    if i.client_id.is_empty() {
+        return Err(invalid(format!("{key}.client_id"), "must not be empty"));
+    }
+    let tenant = match (&i.tenant, i.provider) {
+        (Some(t), Provider::Microsoft) => {
+            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')) {
+                return Err(invalid(format!("{key}.tenant"), "must be common, organizations, consumers, a tenant id or a domain"));
+            }
+            t.as_str()
+        }
+        (Some(_), _) => return Err(invalid(format!("{key}.tenant"), "applies only to provider \"microsoft\"")),
+        (None, _) => "common",
+    };
+    let defaults = provider_defaults(i.provider, tenant);
+    let pick = |given: Option<String>, default: Option<String>, field: &str| {
+        given.or(default).ok_or_else(|| invalid(format!("{key}.{field}"), "is required for a custom provider"))
+    };
+    let authorization_endpoint = pick(i.authorization_endpoint, defaults.as_ref().map(|d| d.0.clone()), "authorization_endpoint")?;
+    let token_endpoint = pick(i.token_endpoint, defaults.as_ref().map(|d| d.1.clone()), "token_endpoint")?;
+    let scopes = match (i.scopes, defaults) {
+        (Some(s), _) if !s.is_empty() => s,
+        (Some(_), _) => return Err(invalid(format!("{key}.scopes"), "must not be empty")),
+        (None, Some(d)) => d.2,
+        (None, None) => return Err(invalid(format!("{key}.scopes"), "is required for a custom provider")),
+    };
+    let client_secret = match (i.client_secret, i.client_secret_file, i.client_secret_env) {
+        (None, None, None) => None,
+        (Some(s), None, None) => Some(s),
+        (None, Some(path), None) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| invalid(format!("{key}.client_secret_file"), format!("can't read {}: {e}", path.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None, Some(var)) => Some(
+            std::env::var(&var)
+                .map_err(|_| invalid(format!("{key}.client_secret_env"), format!("environment variable {var} is not set")))?,
+        ),
+        _ => {
+            return Err(invalid(
+                format!("{key}.client_secret"),
+                "give at most one of client_secret, client_secret_file and client_secret_env",
+            ))
+        }
+    };
+    Ok(Integration {
+        name,
+        provider: i.provider,
+        description: i.description,
+        client_id: i.client_id,
+        client_secret: client_secret.map(Secret::new),
+        scopes,
+        authorization_endpoint: endpoint(&format!("{key}.authorization_endpoint"), &authorization_endpoint, oauth)?,
+        token_endpoint: endpoint(&format!("{key}.token_endpoint"), &token_endpoint, oauth)?,
+    })
+}
+
+/// An OAuth endpoint: https, or http on loopback when explicitly allowed.
+fn endpoint(key: &str, value: &str, oauth: &OAuthSettings) -> Result<Url, ConfigError> {
+    let url = Url::parse(value).map_err(|e| invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if oauth.allow_insecure_loopback_http && is_loopback_host(&url) => Ok(url),
+        "http" if is_loopback_host(&url) => Err(invalid(
+            key,
+            "must be https (http on loopback needs oauth.allow_insecure_loopback_http = true)",
+        )),
+        _ => Err(invalid(key, "must be https")),
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+fn account(
+    key: &str,
+    name: String,
+    a: raw::Account,
+    integrations: &BTreeMap<String, Arc<Integration>>,
+) -> Result<Account, ConfigError> {
+    let integration = integrations
+        .get(&a.integration)
+        .ok_or_else(|| invalid(format!("{key}.integration"), format!("no integration named {:?}", a.integration)))?
+        .clone();
+    let username = a.username.unwrap_or_else(|| name.clone());
+    if username.is_empty() {
+        return Err(invalid(format!("{key}.username"), "must not be empty"));
+    }
+    match argon2::PasswordHash::new(&a.password_hash) {
+        Ok(h) if h.algorithm.as_str() == "argon2id" => {}
+        Ok(_) => return Err(invalid(format!("{key}.password_hash"), "must be an argon2id hash (see mailgate hash-password)")),
+        Err(e) => return Err(invalid(format!("{key}.password_hash"), format!("not a PHC hash string: {e}"))),
+    }
+    if a.mailbox.is_empty() || a.mailbox.contains(['\x01', '\r', '\n']) {
+        return Err(invalid(format!("{key}.mailbox"), "must be a non-empty mailbox name"));
+    }
+    let imap = match (a.imap, integration.provider) {
+        (Some(u), _) => upstream(&format!("{key}.imap"), u)?,
+        (None, Provider::Google) => default_upstream("imap.gmail.com", 993),
+        (None, Provider::Microsoft) => default_upstream("outlook.office365.com", 993),
+        (None, Provider::Custom) => {
+            return Err(invalid(format!("{key}.imap"), "is required for an integration with a custom provider"))
+        }
+    };
+    Ok(Account {
+        name,
+        username,
+        password_hash: a.password_hash,
+        integration,
+        mailbox: a.mailbox,
+        grant: a.grant,
+        refresh_token: a.refresh_token.map(Secret::new),
+        imap,
+    })
+}
+
+fn default_upstream(host: &str, port: u16) -> UpstreamServer {
+    UpstreamServer { host: host.into(), port, tls: UpstreamTls::Implicit, ca_file: None }
+}
+
+fn upstream(key: &str, u: raw::Upstream) -> Result<UpstreamServer, ConfigError> {
+    let (host, port) = u
+        .address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+        .filter(|(h, p)| !h.is_empty() && *p != 0)
+        .ok_or_else(|| invalid(format!("{key}.address"), format!("{:?} is not host:port", u.address)))?;
+    if rustls::pki_types::ServerName::try_from(host).is_err() {
+        return Err(invalid(format!("{key}.address"), format!("{host:?} is not a valid host name")));
+    }
+    if let Some(ca) = &u.ca_file {
+        if !ca.is_file() {
+            return Err(invalid(format!("{key}.ca_file"), format!("{} is not a readable file", ca.display())));
+        }
+    }
+    Ok(UpstreamServer {
+        host: host.to_owned(),
+        port,
+        tls: match u.tls {
+            raw::UpstreamTls::Implicit => UpstreamTls::Implicit,
+            raw::UpstreamTls::Starttls => UpstreamTls::StartTls,
+        },
+        ca_file: u.ca_file,
+    })
+}

@@ -1,0 +1,143 @@
+//! The serde mirror of the config file. Every table rejects unknown keys.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    pub certificate: Option<Certificate>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub oauth: OAuth,
+    #[serde(default)]
+    pub integrations: BTreeMap<String, Integration>,
+    #[serde(default)]
+    pub accounts: BTreeMap<String, Account>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub protocol: Protocol,
+    pub address: String,
+    pub tls: ListenerTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    Implicit,
+    Starttls,
+    Plaintext,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_line: Option<usize>,
+    pub max_literal: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub login_failure_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tls_handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pre_auth_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub upstream_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth {
+    #[serde(default)]
+    pub allow_insecure_loopback_http: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_margin: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Google,
+    Microsoft,
+    Custom,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Integration {
+    pub provider: Provider,
+    pub description: Option<String>,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub client_secret_env: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub tenant: Option<String>,
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    #[default]
+    AuthorizationCode,
+    ClientCredentials,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub username: Option<String>,
+    pub password_hash: String,
+    pub integration: String,
+    pub mailbox: String,
+    #[serde(default)]
+    pub grant: Grant,
+    pub refresh_token: Option<String>,
+    pub imap: Option<Upstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub address: String,
+    #[serde(default = "implicit")]
+    pub tls: UpstreamTls,
+    pub ca_file: Option<PathBuf>,
+}
+
+fn implicit() -> UpstreamTls {
+    UpstreamTls::Implicit
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    Implicit,
+    Starttls,
+}

@@ -1,0 +1,179 @@
+//! The gateway at run time: listeners, the connection pipeline, the
+//! upstream login and the relay.
+
+mod connection;
+mod stream;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{info, warn};
+
+use crate::account::Accounts;
+use crate::config::{Account, Config, Limits, Listener};
+use crate::oauth::{TokenError, Tokens};
+use crate::proto::{Credentials, FrameLimits, LoginFailure};
+use crate::secret::Secret;
+use upstream::{LoggedIn, UpstreamError};
+
+/// Everything a connection needs, shared by all of them.
+pub struct Gateway {
+    config: Arc<Config>,
+    accounts: Arc<Accounts>,
+    tokens: Tokens,
+    acceptor: TlsAcceptor,
+    /// One connector per extra CA file (`None`: webpki roots only).
+    connectors: HashMap<Option<PathBuf>, TlsConnector>,
+}
+
+impl Gateway {
+    /// Wires the shared services from a validated config.
+    pub fn new(
+        config: Arc<Config>,
+        accounts: Arc<Accounts>,
+        tokens: Tokens,
+        acceptor: TlsAcceptor,
+        connectors: HashMap<Option<PathBuf>, TlsConnector>,
+    ) -> Self {
+        Self { config, accounts, tokens, acceptor, connectors }
+    }
+
+    fn limits(&self) -> Limits {
+        self.config.limits
+    }
+
+    fn frame_limits(&self) -> FrameLimits {
+        FrameLimits { max_line: self.config.limits.max_line, max_literal: self.config.limits.max_literal }
+    }
+
+    fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// Checks local credentials, gets a token and logs in upstream. A wrong
+    /// local password causes no upstream or OAuth traffic at all.
+    async fn login(&self, credentials: &Credentials) -> Result<(String, LoggedIn), LoginFailure> {
+        let account = self.verify(credentials).await?;
+        let login = async {
+            let token = self.tokens.access_token(&account).await.map_err(|e| token_failure(&account, e))?;
+            match self.upstream_login(&account, &token).await {
+                Err(UpstreamError::Rejected { status: Some(400 | 401), .. }) => {
+                    info!(account = %account.name, "upstream rejected the token; getting a fresh one");
+                    let token = self
+                        .tokens
+                        .replace_rejected(&account, &token)
+                        .await
+                        .map_err(|e| token_failure(&account, e))?;
+                    self.upstream_login(&account, &token).await.map_err(|e| upstream_failure(&account, e))
+                }
+                other => other.map_err(|e| upstream_failure(&account, e)),
+            }
+        };
+        let logged_in = login.await?;
+        Ok((account.name.clone(), logged_in))
+    }
+
+    async fn verify(&self, credentials: &Credentials) -> Result<Arc<Account>, LoginFailure> {
+        // argon2 takes tens of milliseconds of CPU: keep it off the I/O threads.
+        let accounts = self.accounts.clone();
+        let presented = credentials.clone();
+        match tokio::task::spawn_blocking(move || accounts.verify(&presented)).await {
+            Ok(Ok(account)) => Ok(account),
+            Ok(Err(_)) => {
+                info!(username = %credentials.username, "local login failed");
+                Err(LoginFailure::BadCredentials)
+            }
+            Err(e) => {
+                warn!(error = %e, "password verification task failed");
+                Err(LoginFailure::Unavailable)
+            }
+        }
+    }
+
+    async fn upstream_login(&self, account: &Account, token: &Secret<String>) -> Result<LoggedIn, UpstreamError> {
+        let server = &account.imap;
+        let connector = self
+            .connectors
+            .get(&server.ca_file)
+            .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
+        let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
+        tokio::time::timeout(self.config.limits.upstream_timeout, upstream::login(server, connector, login))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+    }
+}
+
+fn token_failure(account: &Account, e: TokenError) -> LoginFailure {
+    match e {
+        TokenError::Transient(_) => {
+            warn!(account = %account.name, error = %e, "no access token");
+            LoginFailure::Unavailable
+        }
+        TokenError::NeedsAuthorization(_) | TokenError::Store(_) => {
+            warn!(account = %account.name, error = %e, "account needs authorization: run `mailgate authorize {}`", account.name);
+            LoginFailure::NeedsAuthorization
+        }
+    }
+}
+
+fn upstream_failure(account: &Account, e: UpstreamError) -> LoginFailure {
+    warn!(account = %account.name, error = %e, "upstream login failed");
+    match e {
+        UpstreamError::Rejected { in_use: true, .. } => LoginFailure::InUse,
+        UpstreamError::Rejected { .. } => LoginFailure::BadCredentials,
+        _ => LoginFailure::Unavailable,
+    }
+}
+
+/// A bound listener.
+pub struct Bound {
+    pub listener: TcpListener,
+    pub config: Listener,
+}
+
+impl Bound {
+    /// The address actually bound (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Binds every configured listener.
+///
+/// # Errors
+/// When an address can't be bound.
+pub async fn bind(config: &Config) -> std::io::Result<Vec<Bound>> {
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.address)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind {}: {e}", l.address)))?;
+        bound.push(Bound { listener, config: l.clone() });
+    }
+    Ok(bound)
+}
+
+/// Accepts connections on `bound` until `shutdown` fires.
+pub async fn accept_loop(gateway: Arc<Gateway>, bound: Bound, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Bound { listener, config } = bound;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(connection::serve(gateway.clone(), tcp, peer, config.protocol, config.tls));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

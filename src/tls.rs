@@ -1,0 +1,140 @@
+//! rustls configurations, built once at start: the listeners' server config
+//! (from PEM files, or a self-signed certificate kept in the state
+//! directory) and the upstreams' client configs (webpki roots plus an
+//! optional extra CA).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::CertificateFiles;
+
+/// A TLS setup failure; names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+fn file_error(path: &Path, message: impl ToString) -> TlsError {
+    TlsError::File { path: path.to_owned(), message: message.to_string() }
+}
+
+/// The one crypto provider: ring. Both providers in the tree would make
+/// rustls panic at its first default lookup, so everything names this one.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default (for reqwest), once.
+pub fn install_default_provider() {
+    // Err means it is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The listeners' TLS configuration and its certificate's SHA-256.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// Hex SHA-256 of the leaf certificate, as clients pin it.
+    pub fingerprint: String,
+}
+
+/// Loads the configured certificate, or the self-signed one in `state_dir`
+/// (made on first start and kept across restarts).
+///
+/// # Errors
+/// When a file can't be read or written, or holds no usable key or cert.
+pub fn server(files: Option<&CertificateFiles>, state_dir: &Path) -> Result<ServerTls, TlsError> {
+    let (cert_path, key_path) = match files {
+        Some(f) => (f.cert.clone(), f.key.clone()),
+        None => self_signed(state_dir)?,
+    };
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(|e| file_error(&cert_path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&cert_path, e))?;
+    let Some(leaf) = certs.first() else {
+        return Err(file_error(&cert_path, "no certificate in the file"));
+    };
+    let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_error(&key_path, e))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(ServerTls { config: Arc::new(config), fingerprint })
+}
+
+fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    let dir = state_dir.join("tls");
+    let cert = dir.join("self-signed.pem");
+    let key = dir.join("self-signed.key");
+    if cert.is_file() && key.is_file() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| file_error(&dir, e))?;
+    let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_owned();
+    let mut names = vec!["localhost".to_owned()];
+    if !hostname.is_empty() && hostname != "localhost" {
+        names.push(hostname);
+    }
+    let generated = rcgen::generate_simple_self_signed(names)?;
+    write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert, generated.cert.pem()).map_err(|e| file_error(&cert, e))?;
+    Ok((cert, key))
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| file_error(path, e))?;
+    f.write_all(contents).map_err(|e| file_error(path, e))
+}
+
+/// A client config trusting the webpki roots plus `extra_ca`.
+///
+/// # Errors
+/// When the CA file can't be read or holds no certificate.
+pub fn client(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = extra_ca {
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_error(path, e))? {
+            roots.add(cert.map_err(|e| file_error(path, e))?)?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(file_error(path, "no certificate in the file"));
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+impl From<TlsError> for io::Error {
+    fn from(e: TlsError) -> Self {
+        io::Error::other(e.to_string())
+    }
+}
