@@ -164,7 +164,8 @@ impl Config {
         Self::from_figment(
             Figment::new()
                 .merge(Toml::file_exact(path))
-                .merge(Env::prefixed("MAILGATE_").split("__")),
+                // MAILGATE_CONFIG names the file; it is not a key in it.
+                .merge(Env::prefixed("MAILGATE_").ignore(&["config"]).split("__")),
         )
     }
 

@@ -18,11 +18,11 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 pub use http::is_transient_status;
-pub use store::{StoreError, TokenStore};
+pub use store::{Record, StoreError, TokenStore};
 
 use http::TokenHttp;
 
-use crate::config::{Account, Config, Grant, Integration};
+use crate::config::{Account, Config, Grant, Integration, Provider};
 use crate::secret::Secret;
 
 /// Why no token could be had. Transient failures are worth retrying;
@@ -51,8 +51,10 @@ struct Cached {
 
 #[derive(Default)]
 struct AccountState {
+    /// The store has been read.
+    loaded: bool,
     access: Option<Cached>,
-    /// The newest refresh token, once read from the store or the config.
+    /// The newest refresh token, from the store, the config or a rotation.
     refresh: Option<Secret<String>>,
 }
 
@@ -125,10 +127,33 @@ impl Tokens {
     }
 
     async fn lock(&self, account: &Account) -> Result<tokio::sync::MutexGuard<'_, AccountState>, TokenError> {
-        match self.accounts.get(&account.name) {
-            Some(m) => Ok(m.lock().await),
-            None => Err(TokenError::NeedsAuthorization(format!("unknown account {}", account.name))),
+        let Some(mutex) = self.accounts.get(&account.name) else {
+            return Err(TokenError::NeedsAuthorization(format!("unknown account {}", account.name)));
+        };
+        let mut state = mutex.lock().await;
+        if !state.loaded {
+            let record = self.store.load(&account.name)?.unwrap_or_default();
+            state.refresh = record.refresh_token.map(Secret::new).or_else(|| account.refresh_token.clone());
+            if let Some(token) = record.access_token {
+                let now = unix_now();
+                let lifetime = Duration::from_secs(record.expires_at.saturating_sub(record.obtained_at));
+                let usable_until = record.obtained_at + self.usable(lifetime).as_secs();
+                if usable_until > now {
+                    state.access = Some(Cached {
+                        token: Secret::new(token),
+                        use_until: Instant::now() + Duration::from_secs(usable_until - now),
+                    });
+                }
+            }
+            state.loaded = true;
         }
+        Ok(state)
+    }
+
+    /// How long a token of `lifetime` is handed out: until `refresh_margin`
+    /// before it expires, or half its life when it is shorter than that.
+    fn usable(&self, lifetime: Duration) -> Duration {
+        lifetime.checked_sub(self.refresh_margin).unwrap_or(lifetime / 2)
     }
 
     async fn fetch(&self, account: &Account, state: &mut AccountState) -> Result<Secret<String>, TokenError> {
@@ -138,25 +163,19 @@ impl Tokens {
         let started = Instant::now();
         let response = match account.grant {
             Grant::AuthorizationCode => {
-                let refresh = match state.refresh.clone() {
-                    Some(r) => r,
-                    None => self
-                        .store
-                        .load(&account.name)?
-                        .or_else(|| account.refresh_token.clone())
-                        .ok_or_else(|| {
-                            TokenError::NeedsAuthorization("no refresh token stored".into())
-                        })?,
-                };
+                let refresh = state
+                    .refresh
+                    .clone()
+                    .ok_or_else(|| TokenError::NeedsAuthorization("no refresh token stored".into()))?;
                 let refresh_token = RefreshToken::new(refresh.expose().clone());
-                let response = client
-                    .exchange_refresh_token(&refresh_token)
-                    .add_scopes(scopes)
-                    .request_async(&self.http)
-                    .await
-                    .map_err(classify)?;
-                state.refresh = Some(refresh);
-                response
+                let mut request = client.exchange_refresh_token(&refresh_token);
+                // RFC 6749 §6 makes scope optional on refresh and servers
+                // reject any scope the grant lacks; Microsoft's v2 endpoint
+                // documents it as required. Send it only there.
+                if integration.provider == Provider::Microsoft {
+                    request = request.add_scopes(scopes);
+                }
+                request.request_async(&self.http).await.map_err(classify)?
             }
             Grant::ClientCredentials => client
                 .exchange_client_credentials()
@@ -171,22 +190,31 @@ impl Tokens {
                 response.token_type()
             )));
         }
-        // A rotated refresh token is stored before the new access token is
-        // used: if the store fails, the old one may already be revoked.
-        if let Some(rotated) = response.refresh_token() {
-            let rotated = Secret::new(rotated.secret().clone());
-            self.store.save(&account.name, &rotated)?;
-            state.refresh = Some(rotated);
-        }
         let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME);
-        // Hand the token out until `refresh_margin` before it expires, or
-        // for half its life when it is shorter than the margin.
-        let usable = lifetime.checked_sub(self.refresh_margin).unwrap_or(lifetime / 2);
         let token = Secret::new(response.access_token().secret().clone());
-        state.access = Some(Cached { token: token.clone(), use_until: started + usable });
+        if let Some(rotated) = response.refresh_token() {
+            state.refresh = Some(Secret::new(rotated.secret().clone()));
+        }
+        // The tokens are stored before the new access token is used: a
+        // rotated refresh token is the only valid one from now on.
+        let obtained_at = unix_now();
+        let record = Record {
+            refresh_token: state.refresh.as_ref().map(|r| r.expose().clone()),
+            access_token: Some(token.expose().clone()),
+            obtained_at,
+            expires_at: obtained_at + lifetime.as_secs(),
+        };
+        self.store.save(&account.name, &record)?;
+        state.access = Some(Cached { token: token.clone(), use_until: started + self.usable(lifetime) });
         tracing::info!(account = %account.name, lifetime_s = lifetime.as_secs(), "access token obtained");
         Ok(token)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn oauth_client(

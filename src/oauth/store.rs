@@ -1,5 +1,6 @@
 //! The token store: one file per account in `<state_dir>/tokens/`, holding
-//! the refresh token. Written atomically (temp file, fsync, rename), mode
+//! the refresh token and the current access token with its lifetime, so a
+//! restart needs no refresh. Written atomically (temp file, fsync, rename), mode
 //! 0600, so a crash never loses a refresh token.
 //!
 //! TODO(#4): encryption under a key file, and a lock against a second
@@ -11,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::secret::Secret;
 
 /// A store failure, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +21,29 @@ pub struct StoreError {
     pub message: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Record {
-    refresh_token: String,
+/// What is stored for one account.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// Unix seconds when the access token was obtained and when it expires.
+    #[serde(default)]
+    pub obtained_at: u64,
+    #[serde(default)]
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
+            .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
+            .field("obtained_at", &self.obtained_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// Refresh tokens on disk.
@@ -42,12 +62,12 @@ impl TokenStore {
         self.dir.join(format!("{account}.json"))
     }
 
-    /// The stored refresh token of `account`, if any.
+    /// The stored record of `account`, if any.
     ///
     /// # Errors
     /// When the file exists but can't be read or parsed. A damaged file is
     /// never treated as absent: that would lose the token silently.
-    pub fn load(&self, account: &str) -> Result<Option<Secret<String>>, StoreError> {
+    pub fn load(&self, account: &str) -> Result<Option<Record>, StoreError> {
         let path = self.path(account);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -56,20 +76,19 @@ impl TokenStore {
         };
         let record: Record = serde_json::from_slice(&bytes)
             .map_err(|e| StoreError { path, message: format!("unreadable ({e})") })?;
-        Ok(Some(Secret::new(record.refresh_token)))
+        Ok(Some(record))
     }
 
-    /// Replaces the refresh token of `account`, atomically.
+    /// Replaces the record of `account`, atomically.
     ///
     /// # Errors
     /// When the directory or file can't be written; the old file is kept.
-    pub fn save(&self, account: &str, refresh_token: &Secret<String>) -> Result<(), StoreError> {
+    pub fn save(&self, account: &str, record: &Record) -> Result<(), StoreError> {
         let path = self.path(account);
         let fail = |message: String| StoreError { path: path.clone(), message };
         std::fs::create_dir_all(&self.dir).map_err(|e| fail(e.to_string()))?;
         let tmp = self.dir.join(format!(".{account}.json.tmp"));
-        let json = serde_json::to_vec(&Record { refresh_token: refresh_token.expose().clone() })
-            .map_err(|e| fail(e.to_string()))?;
+        let json = serde_json::to_vec(record).map_err(|e| fail(e.to_string()))?;
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -98,9 +117,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
         assert!(store.load("jira").unwrap().is_none());
-        store.save("jira", &Secret::new("rt-1".into())).unwrap();
-        store.save("jira", &Secret::new("rt-2".into())).unwrap();
-        assert_eq!(store.load("jira").unwrap().unwrap().expose(), "rt-2");
+        let record = |rt: &str| Record { refresh_token: Some(rt.into()), ..Record::default() };
+        store.save("jira", &record("rt-1")).unwrap();
+        store.save("jira", &record("rt-2")).unwrap();
+        let loaded = store.load("jira").unwrap().unwrap();
+        assert_eq!(loaded.refresh_token.as_deref(), Some("rt-2"));
+        assert!(!format!("{loaded:?}").contains("rt-2"));
         let path = dir.path().join("tokens/jira.json");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

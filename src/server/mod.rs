@@ -110,11 +110,11 @@ impl Gateway {
 
 fn token_failure(account: &Account, e: TokenError) -> LoginFailure {
     match e {
-        TokenError::Transient(_) => {
+        TokenError::Transient(_) | TokenError::Store(_) => {
             warn!(account = %account.name, error = %e, "no access token");
             LoginFailure::Unavailable
         }
-        TokenError::NeedsAuthorization(_) | TokenError::Store(_) => {
+        TokenError::NeedsAuthorization(_) => {
             warn!(account = %account.name, error = %e, "account needs authorization: run `mailgate authorize {}`", account.name);
             LoginFailure::NeedsAuthorization
         }

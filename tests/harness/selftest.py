@@ -220,6 +220,9 @@ def main():
     p.stls(context=h.ctx)
     check(h.pop_auth(p, "alice@example.test", at), "POP3 STLS + XOAUTH2 login alice")
     check(p.stat()[0] == n_seed, "POP3 STLS session STAT = seed count")
+    uidls = [ln.split()[1] for ln in p.uidl()[1]]
+    check(len(set(uidls)) == n_seed and all(len(u) == 16 for u in uidls),
+          f"POP3 UIDL is %08Xu%08Xv (e.g. {uidls[0].decode()})")
     p.quit()
 
     # Wrong user for the token.
@@ -243,6 +246,9 @@ def main():
     print("---\n")
     got = h.raw_imap_reject(bad)
     check(got[0].startswith(b"+ ") and got[-1].startswith(b"a1 NO "), "IMAP rejection is '+ <b64 json>' then tagged NO")
+    reject_bytes = got
+    check(h.raw_imap_reject(at, user="bob@example.test") == reject_bytes,
+          "wrong-user rejection sends the same bytes as a bad token")
     got = h.raw_pop_reject(bad)
     check(got[0].startswith(b"+ ") and got[-1].startswith(b"-ERR"), "POP3 rejection is '+ <b64 json>' then -ERR")
 
@@ -296,9 +302,7 @@ def main():
                    "mailgate-test", "mailgate-test-secret")
     check(st == 200, "revocation endpoint accepts the access token")
     check(h.imap_login("alice@example.test", t2["access_token"]) is None, "revoked access token is rejected by Dovecot")
-    got = h.raw_imap_reject(t2["access_token"])
-    print(f"     revoked-token IMAP rejection: {got!r}")
-    print(f"     decoded: {base64.b64decode(got[0][2:].strip()).decode()}")
+    check(h.raw_imap_reject(t2["access_token"]) == reject_bytes, "revoked-token rejection sends the same bytes")
 
     # Short-lived tokens (mailgate-short: 5 s).
     rc, ts = h.authorize("alice@example.test", "mailgate-short", "mailgate-short-secret")
@@ -313,6 +317,7 @@ def main():
     p.quit()
     time.sleep(6.5)
     check(h.imap_login("alice@example.test", ts["access_token"]) is None, "mailgate-short token rejected after 6.5 s (IMAP)")
+    check(h.raw_imap_reject(ts["access_token"]) == reject_bytes, "expired-token rejection sends the same bytes")
     p = poplib.POP3_SSL("127.0.0.1", E["POP3S_PORT"], context=h.ctx, timeout=30)
     check(not h.pop_auth(p, "app@example.test", cs["access_token"]), "expired client_credentials token rejected (POP3S)")
     p.close()

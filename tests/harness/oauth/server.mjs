@@ -7,7 +7,7 @@
 //
 // Usage: node server.mjs PORT   (or PORT=... node server.mjs). Listens on 127.0.0.1.
 import { generateKeyPairSync } from 'node:crypto';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.argv[2] || process.env.PORT);
 if (!port) { console.error('usage: node server.mjs PORT'); process.exit(2); }
@@ -52,8 +52,16 @@ const provider = new Provider(issuer, {
   }),
   features: {
     devInteractions: { enabled: false }, // we provide /interaction/:uid below
-    introspection: { enabled: true },
-    revocation: { enabled: true },
+    // Any authenticated client (i.e. dovecot) may introspect any token; a
+    // client may revoke only its own tokens (as oidc-provider's default).
+    introspection: { enabled: true, allowedPolicy: () => true },
+    revocation: {
+      enabled: true,
+      allowedPolicy: (_ctx, client, token) => {
+        if (token.clientId !== client.clientId) throw new errors.InvalidRequest('not your token');
+        return true;
+      },
+    },
     clientCredentials: { enabled: true },
     deviceFlow: { enabled: true },
   },

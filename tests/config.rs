@@ -1,0 +1,218 @@
+//! The config: every example in config/ parses; bad values name their key;
+//! environment overrides apply; secrets never show.
+
+use std::path::Path;
+use std::process::Command;
+
+use figment::providers::{Env, Format as _, Toml};
+use figment::{Figment, Jail};
+use mailgate::config::{Config, ConfigError, ListenerTls};
+
+const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$rS2VPIxCZDpOgvZJl0PePw$f3lmjbIrteUNm46qzVMxuh+obrM7KGBmFBzKS02Fwrc";
+
+fn base(extra: &str) -> String {
+    format!(
+        r#"
+state_dir = "/tmp/mg"
+[[listeners]]
+protocol = "imap"
+address = "127.0.0.1:1993"
+tls = "implicit"
+[integrations.g]
+provider = "google"
+client_id = "id"
+client_secret = "very-secret-client-secret"
+[accounts.jira]
+password_hash = "{HASH}"
+integration = "g"
+mailbox = "jira@example.com"
+refresh_token = "very-secret-refresh-token"
+{extra}"#
+    )
+}
+
+fn parse(toml: &str) -> Result<Config, ConfigError> {
+    Config::from_figment(Figment::new().merge(Toml::string(toml)))
+}
+
+fn error_of(toml: &str) -> String {
+    match parse(toml) {
+        Ok(_) => panic!("config was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn every_example_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            // Secrets referenced by env or file must exist for validation.
+            Jail::expect_with(|jail| {
+                jail.set_env("M365_CLIENT_SECRET", "x");
+                let text = std::fs::read_to_string(&path).unwrap();
+                let secret = jail.directory().join("app.secret");
+                std::fs::write(&secret, "s\n").unwrap();
+                let text = text.replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap());
+                let config = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                assert!(!config.listeners.is_empty());
+                Ok(())
+            });
+            count += 1;
+        }
+    }
+    assert!(count >= 2, "expected example configs in {}", dir.display());
+}
+
+#[test]
+fn provider_defaults_are_filled_in() {
+    let c = parse(&base("")).unwrap();
+    let g = &c.integrations["g"];
+    assert_eq!(g.token_endpoint.as_str(), "https://oauth2.googleapis.com/token");
+    assert_eq!(g.authorization_endpoint.as_str(), "https://accounts.google.com/o/oauth2/auth");
+    assert_eq!(g.scopes, ["https://mail.google.com/"]);
+    let a = &c.accounts["jira"];
+    assert_eq!((a.imap.host.as_str(), a.imap.port), ("imap.gmail.com", 993));
+    assert_eq!(a.username, "jira", "username defaults to the account name");
+
+    let ms = parse(&base("").replace(
+        "provider = \"google\"",
+        "provider = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"",
+    ))
+    .unwrap();
+    let m = &ms.integrations["g"];
+    assert_eq!(
+        m.token_endpoint.as_str(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert!(m.scopes.iter().any(|s| s == "offline_access"));
+    assert_eq!(ms.accounts["jira"].imap.host, "outlook.office365.com");
+}
+
+#[test]
+fn errors_name_the_offending_key() {
+    let cases = [
+        (base("surprise = 1"), "surprise"),
+        (base("").replace("127.0.0.1:1993\"\ntls = \"implicit\"", "0.0.0.0:143\"\ntls = \"plaintext\""), "listeners[0].tls"),
+        (base("").replace("address = \"127.0.0.1:1993\"", "address = \"nowhere\""), "listeners[0].address"),
+        (base("").replace("integration = \"g\"", "integration = \"ms\""), "accounts.jira.integration: no integration named \"ms\""),
+        (base("").replace(HASH, "plaintext-password"), "accounts.jira.password_hash"),
+        (base("").replace("provider = \"google\"", "provider = \"custom\""), "integrations.g.authorization_endpoint"),
+        (
+            base("").replace("provider = \"google\"", "provider = \"google\"\ntoken_endpoint = \"http://oauth.example.com/token\""),
+            "integrations.g.token_endpoint: must be https",
+        ),
+        (
+            base("").replace("provider = \"google\"", "provider = \"google\"\ntoken_endpoint = \"http://127.0.0.1:9/token\""),
+            "allow_insecure_loopback_http",
+        ),
+        (
+            base("").replace("client_secret = ", "client_secret_env = \"NOPE_NOT_SET\"\n#"),
+            "integrations.g.client_secret_env",
+        ),
+        (base("[accounts.jira.imap]\naddress = \"imap.example.com\""), "accounts.jira.imap.address"),
+        (base("").replace("provider = \"google\"", "provider = \"google\"\ntenant = \"common\""), "integrations.g.tenant"),
+    ];
+    for (toml, want) in cases {
+        let err = error_of(&toml);
+        assert!(err.contains(want), "error {err:?} should mention {want:?}");
+    }
+}
+
+#[test]
+fn loopback_http_endpoints_need_the_explicit_switch() {
+    let toml = base("[oauth]\nallow_insecure_loopback_http = true").replace(
+        "provider = \"google\"",
+        "provider = \"google\"\ntoken_endpoint = \"http://127.0.0.1:9/token\"",
+    );
+    assert_eq!(parse(&toml).unwrap().integrations["g"].token_endpoint.as_str(), "http://127.0.0.1:9/token");
+}
+
+#[test]
+fn plaintext_and_starttls_listeners() {
+    let c = parse(&base("[[listeners]]\nprotocol = \"imap\"\naddress = \"[::1]:1143\"\ntls = \"plaintext\"\n[[listeners]]\nprotocol = \"imap\"\naddress = \"0.0.0.0:143\"\ntls = \"starttls\"")).unwrap();
+    assert_eq!(c.listeners[1].tls, ListenerTls::Plaintext);
+    assert_eq!(c.listeners[2].tls, ListenerTls::StartTls);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("mailgate.toml", &base(""))?;
+        jail.set_env("MAILGATE_ACCOUNTS__JIRA__MAILBOX", "other@example.com");
+        jail.set_env("MAILGATE_STATE_DIR", "/srv/mailgate");
+        let c = Config::from_figment(
+            Figment::new().merge(Toml::file("mailgate.toml")).merge(Env::prefixed("MAILGATE_").split("__")),
+        )
+        .map_err(|e| e.to_string())?;
+        assert_eq!(c.accounts["jira"].mailbox, "other@example.com");
+        assert_eq!(c.state_dir, Path::new("/srv/mailgate"));
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_never_show_in_debug_or_summary() {
+    let c = parse(&base("")).unwrap();
+    for shown in [format!("{c:?}"), c.summary()] {
+        assert!(!shown.contains("very-secret-client-secret"), "{shown}");
+        assert!(!shown.contains("very-secret-refresh-token"), "{shown}");
+    }
+}
+
+#[test]
+fn check_config_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, base("").replace("integration = \"g\"", "integration = \"ms\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--config", bad.to_str().unwrap(), "check-config"])
+        .env_remove("MAILGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.jira.integration"));
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, base("")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--config", good.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("client secret set"), "{stdout}");
+    assert!(!stdout.contains("very-secret"), "{stdout}");
+}
+
+#[test]
+fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"correct horse\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$"));
+    assert!(!hash.contains("correct horse"));
+    let c = parse(&base("").replace(HASH, hash.trim())).unwrap();
+    let accounts = mailgate::account::Accounts::new(&c).unwrap();
+    let creds = |u: &str, p: &[u8]| mailgate::proto::Credentials {
+        username: u.into(),
+        password: mailgate::secret::Secret::new(p.to_vec()),
+    };
+    assert!(accounts.verify(&creds("jira", b"correct horse")).is_ok());
+    assert!(accounts.verify(&creds("jira", b"correct horse\n")).is_err());
+    // An unknown user and a wrong password fail the same way.
+    assert_eq!(
+        accounts.verify(&creds("nobody", b"correct horse")).unwrap_err(),
+        accounts.verify(&creds("jira", b"wrong")).unwrap_err()
+    );
+}

@@ -1,0 +1,384 @@
+//! The IMAP gateway end to end, against the harness's real Dovecot and real
+//! OAuth server, with real clients: Python imaplib, curl, and a raw client.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{harness, python_imap, Account, Gateway, RawImap, SHORT_CLIENT};
+
+fn sha(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn seed_digests() -> BTreeSet<String> {
+    harness().seed_messages().iter().map(|m| sha(m)).collect()
+}
+
+/// Logs in with imaplib the given way, fetches everything, and checks that
+/// the messages are byte-identical to the Maildir's.
+async fn imaplib_fetch(port: u16, mode: &'static str, account: &Account, login: &'static str) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let args = vec![
+        "fetch".into(),
+        format!("--port={port}"),
+        format!("--mode={mode}"),
+        format!("--cafile={}", harness().ca_file.display()),
+        format!("--user={}", account.name),
+        format!("--password={}", account.password),
+        format!("--login={login}"),
+        format!("--out={}", out_dir.path().display()),
+    ];
+    let out = tokio::task::spawn_blocking(move || python_imap(&args)).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "imap_client.py: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["login"], "OK", "{login} over {mode}: {result}");
+    assert_eq!(result["count"].as_u64(), Some(harness().seed_messages().len() as u64));
+    let fetched: BTreeSet<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| sha(&std::fs::read(e.unwrap().path()).unwrap()))
+        .collect();
+    assert_eq!(fetched, seed_digests(), "{login} over {mode}: fetched messages differ from the Maildir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaplib_logs_in_every_way_over_implicit_tls_and_fetches_identical_bytes() {
+    harness().seed("imaplib@example.test");
+    let account = Account::authorized("imaplib", "imaplib@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    for login in ["atom", "quoted", "literal", "authenticate"] {
+        imaplib_fetch(gateway.imaps.port(), "ssl", &account, login).await;
+    }
+    gateway.stop().await;
+    // A password with a space and a quote: quoted with escapes, or literal.
+    let account = Account { password: "p\\a ss\"w", ..Account::authorized("imaplib", "imaplib@example.test") };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    for login in ["quoted", "literal", "authenticate"] {
+        imaplib_fetch(gateway.imaps.port(), "ssl", &account, login).await;
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_starttls_and_upstream_starttls_fetch_identical_bytes() {
+    let h = harness();
+    h.seed("starttls@example.test");
+    let mut account = Account::authorized("starttls", "starttls@example.test");
+    account.upstream = (format!("127.0.0.1:{}", h.imap_port), "starttls");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    // Client STARTTLS to the gateway, gateway STARTTLS to Dovecot.
+    imaplib_fetch(gateway.imap.port(), "starttls", &account, "literal").await;
+    imaplib_fetch(gateway.imap.port(), "starttls", &account, "authenticate").await;
+    // Client implicit TLS, upstream STARTTLS.
+    imaplib_fetch(gateway.imaps.port(), "ssl", &account, "quoted").await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_starttls_with_upstream_implicit_tls() {
+    harness().seed("mixed@example.test");
+    let account = Account::authorized("mixed", "mixed@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    imaplib_fetch(gateway.imap.port(), "starttls", &account, "quoted").await;
+    gateway.stop().await;
+}
+
+/// curl fetches each message by UID; its default login is AUTHENTICATE
+/// PLAIN with SASL-IR; `AUTH=LOGIN` makes it use AUTHENTICATE LOGIN.
+/// (curl 7.88 rejects `AUTH=+LOGIN`; the LOGIN command is covered by imaplib.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_identical_bytes_with_authenticate_plain_and_login() {
+    let h = harness();
+    h.seed("curl@example.test");
+    // A password that LOGIN must quote, with escapes.
+    let account = Account { password: "pa ss\\\"word", ..Account::authorized("curl", "curl@example.test") };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let seeds = h.seed_messages();
+    let cases = [
+        (format!("imaps://localhost:{}", gateway.imaps.port()), None),
+        (format!("imaps://localhost:{}", gateway.imaps.port()), Some("AUTH=LOGIN")),
+        (format!("imap://localhost:{}", gateway.imap.port()), None),
+    ];
+    for (base, login_options) in cases {
+        for (i, seed) in seeds.iter().enumerate() {
+            let mut cmd = Command::new("curl");
+            // curl takes no --opt=value; none of these values starts with "-".
+            cmd.args(["--silent", "--show-error", "--ssl-reqd", "--cacert"])
+                .arg(&h.ca_file)
+                .arg("--user")
+                .arg(format!("{}:{}", account.name, account.password))
+                .arg(format!("{base}/INBOX;UID={}", i + 1));
+            if let Some(o) = login_options {
+                cmd.args(["--login-options", o]);
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+            assert!(out.status.success(), "curl {base} {login_options:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stdout == *seed, "curl {base} {login_options:?} UID {}: bytes differ", i + 1);
+        }
+    }
+    gateway.stop().await;
+}
+
+/// Two literals, commands pipelined behind LOGIN, and the upstream's
+/// capabilities in the tagged OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn literal_login_with_pipelined_commands_reaches_the_upstream() {
+    harness().seed("pipeline@example.test");
+    let account = Account { password: "p w\"{1}\r\n", ..Account::authorized("pipeline", "pipeline@example.test") };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let (mut c, greeting) = RawImap::connect(gateway.imaps).await;
+    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1"), "{greeting}");
+    assert!(greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"), "{greeting}");
+    c.send(format!("a LOGIN {{{}}}\r\n", account.name.len()).as_bytes()).await;
+    assert!(c.line().await.starts_with("+ "));
+    let password = account.password.as_bytes();
+    let mut rest = format!("{} {{{}+}}\r\n", account.name, password.len()).into_bytes();
+    rest.extend_from_slice(password);
+    rest.extend_from_slice(b"\r\nb SELECT INBOX\r\nc FETCH 1 (BODY.PEEK[])\r\nd LOGOUT\r\n");
+    c.send(&rest).await;
+    let login = c.until_tagged("a").await;
+    let ok = login.last().unwrap();
+    assert!(ok.starts_with("a OK [CAPABILITY IMAP4rev1"), "{login:?}");
+    assert!(!ok.contains("AUTH="), "pre-login capabilities leaked: {ok}");
+    let select = c.until_tagged("b").await;
+    assert!(select.last().unwrap().starts_with("b OK"), "{select:?}");
+    let header = c.line().await;
+    let size: usize = header.rsplit_once('{').unwrap().1.trim_end_matches('}').parse().unwrap();
+    let body = c.bytes(size).await;
+    assert_eq!(body, harness().seed_messages()[0]);
+    assert!(c.until_tagged("c").await.last().unwrap().starts_with("c OK"));
+    assert!(c.until_tagged("d").await.last().unwrap().starts_with("d OK"));
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sees_a_message_appended_by_another_connection() {
+    harness().seed("idle@example.test");
+    let account = Account::authorized("idle", "idle@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let login = |c: &'static str| format!("{c} LOGIN {} \"{}\"\r\n", account.name, account.password.replace('"', "\\\""));
+
+    let (mut idler, _) = RawImap::connect(gateway.imaps).await;
+    idler.send(login("a").as_bytes()).await;
+    assert!(idler.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    idler.send(b"b SELECT INBOX\r\n").await;
+    let select = idler.until_tagged("b").await;
+    let exists = select.iter().find_map(|l| l.strip_suffix(" EXISTS")).unwrap().trim_start_matches("* ").to_owned();
+    let before: usize = exists.parse().unwrap();
+    idler.send(b"c IDLE\r\n").await;
+    assert!(idler.line().await.starts_with("+ "), "IDLE not accepted");
+
+    let (mut writer, _) = RawImap::connect(gateway.imaps).await;
+    writer.send(login("w1").as_bytes()).await;
+    assert!(writer.until_tagged("w1").await.last().unwrap().starts_with("w1 OK"));
+    let message = b"From: a@example.test\r\nTo: idle@example.test\r\nSubject: appended\r\n\r\nhello\r\n";
+    writer.send(format!("w2 APPEND INBOX {{{}+}}\r\n", message.len()).as_bytes()).await;
+    writer.send(message).await;
+    writer.send(b"\r\n").await;
+    assert!(writer.until_tagged("w2").await.last().unwrap().starts_with("w2 OK"));
+
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = idler.line().await;
+            if line == format!("* {} EXISTS", before + 1) {
+                return line;
+            }
+            assert!(!line.is_empty(), "connection closed while idling");
+        }
+    })
+    .await
+    .expect("IDLE saw no EXISTS within 30 s");
+    assert_eq!(seen, format!("* {} EXISTS", before + 1));
+    idler.send(b"DONE\r\n").await;
+    assert!(idler.until_tagged("c").await.last().unwrap().starts_with("c OK"));
+    gateway.stop().await;
+}
+
+/// A TCP listener that counts connections: stands in for the token
+/// endpoint and the upstream to prove that nothing reaches them.
+async fn counting_listener() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (oauth, oauth_hits) = counting_listener().await;
+    let (upstream, upstream_hits) = counting_listener().await;
+    let account = Account {
+        name: "victim",
+        password: "right password",
+        mailbox: "victim@example.test".into(),
+        client: support::CLIENT,
+        grant: "client_credentials",
+        refresh_token: None,
+        upstream: (upstream.to_string(), "implicit"),
+        token_url: Some(format!("http://{oauth}/token")),
+    };
+    let gateway = Gateway::start(&[account]).await;
+    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    for (tag, line) in [
+        ("a", "a LOGIN victim \"wrong password\"\r\n"),
+        ("b", "b LOGIN nobody \"right password\"\r\n"),
+        ("c", "c AUTHENTICATE PLAIN AHZpY3RpbQB3cm9uZw==\r\n"),
+    ] {
+        c.send(line.as_bytes()).await;
+        let reply = c.until_tagged(tag).await;
+        assert_eq!(reply.last().unwrap(), &format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed"));
+    }
+    assert_eq!(oauth_hits.load(SeqCst), 0, "a failed local login reached the OAuth server");
+    assert_eq!(upstream_hits.load(SeqCst), 0, "a failed local login reached the upstream");
+    // Control: the right password does reach the token endpoint (which is
+    // not a real one, so the login ends in UNAVAILABLE).
+    c.send(b"d LOGIN victim \"right password\"\r\n").await;
+    let reply = c.until_tagged("d").await;
+    assert!(reply.last().unwrap().starts_with("d NO [UNAVAILABLE]"), "{reply:?}");
+    assert!(oauth_hits.load(SeqCst) > 0, "the counting token endpoint saw nothing");
+    gateway.stop().await;
+}
+
+async fn login_ok(gateway: &Gateway, account: &Account) -> Vec<String> {
+    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    c.send(format!("a LOGIN {} \"{}\"\r\n", account.name, account.password.replace('"', "\\\"")).as_bytes())
+        .await;
+    let reply = c.until_tagged("a").await;
+    c.send(b"z LOGOUT\r\n").await;
+    let _ = c.until_tagged("z").await;
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_access_token_is_refreshed_before_use() {
+    let h = harness();
+    h.seed("short@example.test");
+    let grant = h.authorize(SHORT_CLIENT, "short@example.test");
+    let account = Account {
+        client: SHORT_CLIENT,
+        refresh_token: Some(grant.refresh_token.clone()),
+        ..Account::authorized("short", "short@example.test")
+    };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let first = login_ok(&gateway, &account).await;
+    assert!(first.last().unwrap().starts_with("a OK"), "{first:?}");
+    let stored = gateway.stored_refresh_token("short").expect("rotated refresh token stored");
+    assert_ne!(stored, grant.refresh_token, "the rotated refresh token was kept");
+    // The access token lives 5 s; after 6 s it has expired.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let second = login_ok(&gateway, &account).await;
+    assert!(second.last().unwrap().starts_with("a OK"), "{second:?}");
+    let restored = gateway.stored_refresh_token("short").unwrap();
+    assert_ne!(restored, stored, "a second refresh happened (and rotated again)");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_access_token_is_replaced_and_a_dead_grant_gives_a_clean_no() {
+    let h = harness();
+    h.seed("revoked@example.test");
+    // oidc-provider revokes a token's whole grant, refresh token included
+    // (OAuth 2.1 style). So the stored access token comes from an older
+    // grant than the refresh token, as after a re-authorization, and
+    // revoking it leaves the refresh token alive.
+    let old = h.authorize(support::CLIENT, "revoked@example.test");
+    let grant = h.authorize(support::CLIENT, "revoked@example.test");
+    let account = Account { refresh_token: None, ..Account::authorized("revoked", "revoked@example.test") };
+    let stored = support::Grant { access_token: old.access_token.clone(), refresh_token: grant.refresh_token.clone() };
+    // The gateway's first login uses the stored access token.
+    let gateway = Gateway::start_with_store(&[account.clone()], "revoked", &stored).await;
+    h.revoke(support::CLIENT, &old.access_token, "access_token").await;
+    // Dovecot rejects the revoked token with a 401 challenge; the gateway
+    // refreshes and logs in.
+    let reply = login_ok(&gateway, &account).await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    let rotated = gateway.stored_refresh_token("revoked").unwrap();
+    assert_ne!(rotated, grant.refresh_token, "the refresh happened and its rotation was stored");
+
+    // Now kill the whole grant: the cached token is rejected and the
+    // refresh fails too. The client gets a clean NO, and nothing is deleted.
+    h.revoke(support::CLIENT, &rotated, "refresh_token").await;
+    let reply = login_ok(&gateway, &account).await;
+    assert_eq!(
+        reply.last().unwrap(),
+        "a NO [UNAVAILABLE] This account must be authorized again by the mailgate administrator",
+        "{reply:?}"
+    );
+    assert!(!reply.iter().any(|l| l.starts_with("+ ")), "the provider's challenge reached the client: {reply:?}");
+    assert_eq!(gateway.stored_refresh_token("revoked").as_deref(), Some(rotated.as_str()), "the stored token was kept");
+    gateway.stop().await;
+}
+
+/// A client-credentials token has no grant behind it: revoking the cached
+/// one makes Dovecot refuse it, and the gateway fetches a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_credentials_token_is_replaced() {
+    let h = harness();
+    let account = Account { grant: "client_credentials", refresh_token: None, ..Account::authorized("app", "app@example.test") };
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(&h.oauth_token_url)
+        .basic_auth(support::CLIENT.id, Some(support::CLIENT.secret))
+        .form(&[("grant_type", "client_credentials"), ("scope", "mail")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = response["access_token"].as_str().expect("client credentials token").to_owned();
+    let stored = support::Grant { access_token: token.clone(), refresh_token: String::new() };
+    let gateway = Gateway::start_with_store(&[account.clone()], "app", &stored).await;
+    h.revoke(support::CLIENT, &token, "access_token").await;
+    let reply = login_ok(&gateway, &account).await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_grant_logs_in_as_the_app_mailbox() {
+    let h = harness();
+    h.seed("app@example.test");
+    let account = Account {
+        grant: "client_credentials",
+        refresh_token: None,
+        ..Account::authorized("app", "app@example.test")
+    };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    imaplib_fetch(gateway.imaps.port(), "ssl", &account, "quoted").await;
+    gateway.stop().await;
+}
+
+/// 20 logins at once on a gateway with no access token yet: one refresh
+/// serves them all. With rotation and replay detection at the OAuth
+/// server, a second refresh with the same token would kill the grant and
+/// fail logins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_logins_wait_for_one_refresh() {
+    harness().seed("crowd@example.test");
+    let account = Account::authorized("crowd", "crowd@example.test");
+    let gateway = std::sync::Arc::new(Gateway::start(&[account.clone()]).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (gateway, account) = (gateway.clone(), account.clone());
+        tasks.spawn(async move { login_ok(&gateway, &account).await });
+    }
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.unwrap();
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    }
+    // One more login, after all of them, still works: the grant is alive.
+    let reply = login_ok(&gateway, &account).await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+}

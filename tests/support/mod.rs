@@ -1,0 +1,391 @@
+//! Shared test support: the harness (a real Dovecot and a real OAuth
+//! server, started by `tests/harness/start`), an in-process gateway on
+//! port 0, and a small raw IMAP client over real TLS.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// What `tests/harness/start` wrote to `harness.json`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct Harness {
+    pub harness_dir: PathBuf,
+    pub ca_file: PathBuf,
+    pub oauth_issuer: String,
+    pub oauth_token_url: String,
+    pub oauth_auth_url: String,
+    pub oauth_revocation_url: String,
+    pub imap_port: u16,
+    pub imaps_port: u16,
+    pub pop3_port: u16,
+    pub pop3s_port: u16,
+    pub seed_dir: PathBuf,
+}
+
+/// An OAuth client registered at the harness's OAuth server.
+#[derive(Debug, Clone, Copy)]
+pub struct OAuthClient {
+    pub id: &'static str,
+    pub secret: &'static str,
+}
+
+/// Tokens live an hour.
+pub const CLIENT: OAuthClient = OAuthClient { id: "mailgate-test", secret: "mailgate-test-secret" };
+/// Access tokens live 5 seconds.
+pub const SHORT_CLIENT: OAuthClient = OAuthClient { id: "mailgate-short", secret: "mailgate-short-secret" };
+
+/// The harness, from `MG_HARNESS` (the path of `harness.json`).
+pub fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let path = std::env::var("MG_HARNESS").unwrap_or_else(|_| {
+            panic!("MG_HARNESS is not set: run the suite with tests/run, which starts Dovecot and the OAuth server")
+        });
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    })
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness").join(name)
+}
+
+/// Tokens from the authorization-code flow.
+#[derive(Debug, Deserialize)]
+pub struct Grant {
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+impl Harness {
+    /// Runs the whole authorization-code flow with PKCE as `user`.
+    pub fn authorize(&self, client: OAuthClient, user: &str) -> Grant {
+        let out = Command::new("python3")
+            .arg(script("authorize.py"))
+            .arg(format!("--issuer={}", self.oauth_issuer))
+            .arg(format!("--client-id={}", client.id))
+            .arg(format!("--client-secret={}", client.secret))
+            .arg(format!("--user={user}"))
+            .arg("--scope=openid offline_access mail")
+            .output()
+            .expect("run authorize.py");
+        assert!(out.status.success(), "authorize.py: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("token response")
+    }
+
+    /// Gives `user` a Maildir holding every seed message.
+    pub fn seed(&self, user: &str) {
+        let status = Command::new(script("seed")).arg(&self.harness_dir).arg(user).status().expect("run seed");
+        assert!(status.success(), "seed {user}");
+    }
+
+    /// The seed messages, in UID order.
+    pub fn seed_messages(&self) -> Vec<Vec<u8>> {
+        let mut paths: Vec<_> = std::fs::read_dir(&self.seed_dir)
+            .expect("seed dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| std::fs::read(p).expect("seed message")).collect()
+    }
+
+    /// Files in `user`'s Maildir (cur and new).
+    pub fn maildir_count(&self, user: &str) -> usize {
+        ["cur", "new"]
+            .iter()
+            .map(|d| {
+                std::fs::read_dir(self.harness_dir.join("mail").join(user).join("Maildir").join(d))
+                    .map(|r| r.count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Revokes a token at the OAuth server (RFC 7009).
+    pub async fn revoke(&self, client: OAuthClient, token: &str, hint: &str) {
+        let response = reqwest::Client::new()
+            .post(&self.oauth_revocation_url)
+            .basic_auth(client.id, Some(client.secret))
+            .form(&[("token", token), ("token_type_hint", hint)])
+            .send()
+            .await
+            .expect("revocation request");
+        assert!(response.status().is_success(), "revocation: {}", response.status());
+    }
+}
+
+/// One account of a test gateway.
+#[derive(Clone)]
+pub struct Account {
+    pub name: &'static str,
+    pub password: &'static str,
+    pub mailbox: String,
+    pub client: OAuthClient,
+    pub grant: &'static str,
+    pub refresh_token: Option<String>,
+    /// Upstream `host:port` and TLS mode.
+    pub upstream: (String, &'static str),
+    /// Overrides the token endpoint (fault tests).
+    pub token_url: Option<String>,
+}
+
+impl Account {
+    /// An account for `mailbox` at the harness's Dovecot over implicit TLS,
+    /// authorized through the real OAuth server.
+    pub fn authorized(name: &'static str, mailbox: &str) -> Self {
+        let h = harness();
+        let grant = h.authorize(CLIENT, mailbox);
+        Self {
+            name,
+            password: "s3cret!",
+            mailbox: mailbox.to_owned(),
+            client: CLIENT,
+            grant: "authorization_code",
+            refresh_token: Some(grant.refresh_token),
+            upstream: (format!("127.0.0.1:{}", h.imaps_port), "implicit"),
+            token_url: None,
+        }
+    }
+}
+
+/// The argon2id hash of a password, computed once per password.
+pub fn password_hash(password: &str) -> String {
+    static HASHES: OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> = OnceLock::new();
+    let map = HASHES.get_or_init(Default::default);
+    let mut map = map.lock().unwrap();
+    map.entry(password.to_owned())
+        .or_insert_with(|| mailgate::account::hash_password(password.as_bytes()).unwrap().expose().clone())
+        .clone()
+}
+
+/// A gateway running in this process, listening on port 0.
+pub struct Gateway {
+    /// Implicit-TLS IMAP listener.
+    pub imaps: SocketAddr,
+    /// STARTTLS IMAP listener.
+    pub imap: SocketAddr,
+    pub state: tempfile::TempDir,
+    running: Option<mailgate::app::Running>,
+}
+
+impl Gateway {
+    pub async fn start(accounts: &[Account]) -> Self {
+        Self::start_with(accounts, "").await
+    }
+
+    /// Starts a gateway whose token store already holds `grant` for
+    /// `account`, as `mailgate authorize` leaves it.
+    pub async fn start_with_store(accounts: &[Account], account: &str, grant: &Grant) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let record = mailgate::oauth::Record {
+            refresh_token: Some(grant.refresh_token.clone()).filter(|t| !t.is_empty()),
+            access_token: Some(grant.access_token.clone()),
+            obtained_at: now,
+            expires_at: now + 3600,
+        };
+        mailgate::oauth::TokenStore::new(state.path()).save(account, &record).unwrap();
+        Self::start_in(state, accounts, "").await
+    }
+
+    /// Starts a gateway; `extra` is appended to the generated TOML.
+    pub async fn start_with(accounts: &[Account], extra: &str) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), accounts, extra).await
+    }
+
+    async fn start_in(state: tempfile::TempDir, accounts: &[Account], extra: &str) -> Self {
+        let h = harness();
+        let mut toml = format!(
+            r#"
+state_dir = "{state}"
+[certificate]
+cert = "{dir}/server.pem"
+key = "{dir}/server.key"
+[[listeners]]
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "implicit"
+[[listeners]]
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+[limits]
+login_failure_delay = "10ms"
+[oauth]
+allow_insecure_loopback_http = true
+"#,
+            state = state.path().display(),
+            dir = h.harness_dir.display(),
+        );
+        for a in accounts {
+            toml.push_str(&format!(
+                r#"
+[integrations.{name}]
+provider = "custom"
+client_id = "{id}"
+client_secret = "{secret}"
+scopes = ["openid", "offline_access", "mail"]
+authorization_endpoint = "{auth}"
+token_endpoint = "{token}"
+[accounts.{name}]
+password_hash = "{hash}"
+integration = "{name}"
+mailbox = "{mailbox}"
+grant = "{grant}"
+{refresh}
+[accounts.{name}.imap]
+address = "{upstream}"
+tls = "{upstream_tls}"
+ca_file = "{ca}"
+"#,
+                name = a.name,
+                id = a.client.id,
+                secret = a.client.secret,
+                auth = h.oauth_auth_url,
+                token = a.token_url.as_deref().unwrap_or(&h.oauth_token_url),
+                hash = password_hash(a.password),
+                mailbox = a.mailbox,
+                grant = a.grant,
+                refresh = a.refresh_token.as_ref().map(|t| format!("refresh_token = \"{t}\"")).unwrap_or_default(),
+                upstream = a.upstream.0,
+                upstream_tls = a.upstream.1,
+                ca = h.ca_file.display(),
+            ));
+        }
+        toml.push_str(extra);
+        let config = mailgate::config::Config::from_figment(
+            figment::Figment::new().merge(<figment::providers::Toml as figment::providers::Format>::string(&toml)),
+        )
+        .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let running = mailgate::app::start(config).await.expect("gateway starts");
+        Self { imaps: running.addresses[0], imap: running.addresses[1], state, running: Some(running) }
+    }
+
+    /// The stored refresh token of an account.
+    pub fn stored_refresh_token(&self, account: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.state.path().join("tokens").join(format!("{account}.json"))).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["refresh_token"].as_str().map(str::to_owned)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// A rustls client config trusting the harness CA.
+pub fn client_tls() -> Arc<rustls::ClientConfig> {
+    mailgate::tls::client(Some(&harness().ca_file)).expect("client tls")
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A raw IMAP client: sends bytes, reads lines.
+pub struct RawImap {
+    stream: Option<TlsStream>,
+    plain: Option<TcpStream>,
+    buf: BytesMut,
+}
+
+impl RawImap {
+    /// Connects with implicit TLS and reads the greeting.
+    pub async fn connect(addr: SocketAddr) -> (Self, String) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client_tls())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("tls handshake with the gateway");
+        let mut c = Self { stream: Some(tls), plain: None, buf: BytesMut::new() };
+        let greeting = c.line().await;
+        (c, greeting)
+    }
+
+    /// Connects without TLS (for STARTTLS) and reads the greeting.
+    pub async fn connect_plain(addr: SocketAddr) -> (Self, String) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut c = Self { stream: None, plain: Some(tcp), buf: BytesMut::new() };
+        let greeting = c.line().await;
+        (c, greeting)
+    }
+
+    /// Upgrades a plain connection after the server's STARTTLS OK.
+    pub async fn start_tls(&mut self) {
+        let tcp = self.plain.take().expect("plain connection");
+        let tls = tokio_rustls::TlsConnector::from(client_tls())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("tls handshake");
+        self.stream = Some(tls);
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        match (&mut self.stream, &mut self.plain) {
+            (Some(s), _) => s.write_all(bytes).await.unwrap(),
+            (None, Some(p)) => p.write_all(bytes).await.unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn fill(&mut self) -> usize {
+        match (&mut self.stream, &mut self.plain) {
+            (Some(s), _) => s.read_buf(&mut self.buf).await.unwrap_or(0),
+            (None, Some(p)) => p.read_buf(&mut self.buf).await.unwrap_or(0),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The next line, without CRLF; empty at EOF.
+    pub async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(i + 1);
+                return String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
+            }
+            if self.fill().await == 0 {
+                return String::new();
+            }
+        }
+    }
+
+    /// Lines up to and including the one starting with `tag `.
+    pub async fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await;
+            let done = line.starts_with(&format!("{tag} ")) || line.is_empty();
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Exactly `n` raw bytes (a literal).
+    pub async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await > 0, "eof inside a literal");
+        }
+        self.buf.split_to(n).to_vec()
+    }
+}
+
+/// Runs `tests/clients/imap_client.py` with arguments; returns stdout.
+pub fn python_imap(args: &[String]) -> std::process::Output {
+    Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/imap_client.py"))
+        .args(args)
+        .output()
+        .expect("run imap_client.py")
+}
