@@ -32,9 +32,16 @@ impl Accounts {
     /// # Errors
     /// Only if the system's random source fails.
     pub fn new(config: &Config) -> Result<Self, argon2::password_hash::Error> {
-        let by_username = config.accounts.values().map(|a| (a.username.clone(), a.clone())).collect();
+        let by_username = config
+            .accounts
+            .values()
+            .map(|a| (a.username.clone(), a.clone()))
+            .collect();
         let dummy_hash = hash_password(b"no account has this password")?;
-        Ok(Self { by_username, dummy_hash: dummy_hash.expose().clone() })
+        Ok(Self {
+            by_username,
+            dummy_hash: dummy_hash.expose().clone(),
+        })
     }
 
     /// The account these credentials open. Always runs exactly one argon2
@@ -63,5 +70,9 @@ impl Accounts {
 /// Only if the system's random source fails.
 pub fn hash_password(password: &[u8]) -> Result<Secret<String>, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
-    Ok(Secret::new(Argon2::default().hash_password(password, &salt)?.to_string()))
+    Ok(Secret::new(
+        Argon2::default()
+            .hash_password(password, &salt)?
+            .to_string(),
+    ))
 }

@@ -56,16 +56,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut connectors = HashMap::new();
     for account in config.accounts.values() {
         let ca = account.imap.ca_file.clone();
-        if !connectors.contains_key(&ca) {
-            let tls = crate::tls::client(ca.as_deref()).map_err(|e| start_error("upstream tls", e))?;
-            connectors.insert(ca, tokio_rustls::TlsConnector::from(tls));
+        if let std::collections::hash_map::Entry::Vacant(entry) = connectors.entry(ca) {
+            let tls = crate::tls::client(entry.key().as_deref())
+                .map_err(|e| start_error("upstream tls", e))?;
+            entry.insert(tokio_rustls::TlsConnector::from(tls));
         }
     }
     let oauth_tls = crate::tls::client(None).map_err(|e| start_error("oauth tls", e))?;
-    let tokens = Tokens::new(&config, &oauth_tls).map_err(|e| start_error("oauth http client", e))?;
+    let tokens =
+        Tokens::new(&config, &oauth_tls).map_err(|e| start_error("oauth http client", e))?;
     let accounts = Accounts::new(&config).map_err(|e| start_error("accounts", e))?;
-    let bound = server::bind(&config).await.map_err(|e| start_error("listen", e))?;
-    let addresses = bound.iter().map(server::Bound::local_addr).collect::<Result<Vec<_>, _>>().map_err(|e| start_error("listen", e))?;
+    let bound = server::bind(&config)
+        .await
+        .map_err(|e| start_error("listen", e))?;
+    let addresses = bound
+        .iter()
+        .map(server::Bound::local_addr)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| start_error("listen", e))?;
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         Arc::new(accounts),
@@ -79,5 +87,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         info!(address = %b.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), protocol = ?b.config.protocol, tls = ?b.config.tls, "listening");
         tasks.spawn(server::accept_loop(gateway.clone(), b, receiver.clone()));
     }
-    Ok(Running { addresses, fingerprint: server_tls.fingerprint, shutdown, tasks })
+    Ok(Running {
+        addresses,
+        fingerprint: server_tls.fingerprint,
+        shutdown,
+        tasks,
+    })
 }

@@ -12,10 +12,19 @@ use mailgate::config::Config;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "mailgate", version, about = "TLS IMAP/POP3 gateway: password logins in, OAuth 2.0 XOAUTH2 upstream")]
+#[command(
+    name = "mailgate",
+    version,
+    about = "TLS IMAP/POP3 gateway: password logins in, OAuth 2.0 XOAUTH2 upstream"
+)]
 struct Cli {
     /// The config file.
-    #[arg(short, long, env = "MAILGATE_CONFIG", default_value = "/etc/mailgate/mailgate.toml")]
+    #[arg(
+        short,
+        long,
+        env = "MAILGATE_CONFIG",
+        default_value = "/etc/mailgate/mailgate.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -50,7 +59,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&cli.config, &e),
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("mailgate: can't start the runtime: {e}");
@@ -100,7 +112,10 @@ fn config_error(path: &std::path::Path, e: &mailgate::config::ConfigError) -> Ex
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn hash_password() -> ExitCode {
@@ -125,7 +140,9 @@ fn hash_password() -> ExitCode {
             return ExitCode::FAILURE;
         }
         // One trailing newline is the line ending, not the password.
-        let trimmed = s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s));
+        let trimmed = s
+            .strip_suffix('\n')
+            .map(|s| s.strip_suffix('\r').unwrap_or(s));
         trimmed.unwrap_or(&s).to_owned()
     };
     if password.is_empty() {

@@ -25,7 +25,10 @@ pub enum TlsError {
 }
 
 fn file_error(path: &Path, message: impl ToString) -> TlsError {
-    TlsError::File { path: path.to_owned(), message: message.to_string() }
+    TlsError::File {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
 }
 
 /// The one crypto provider: ring. Both providers in the tree would make
@@ -70,7 +73,10 @@ pub fn server(files: Option<&CertificateFiles>, state_dir: &Path) -> Result<Serv
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    Ok(ServerTls { config: Arc::new(config), fingerprint })
+    Ok(ServerTls {
+        config: Arc::new(config),
+        fingerprint,
+    })
 }
 
 fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
@@ -81,7 +87,10 @@ fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         return Ok((cert, key));
     }
     std::fs::create_dir_all(&dir).map_err(|e| file_error(&dir, e))?;
-    let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_owned();
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     let mut names = vec!["localhost".to_owned()];
     if !hostname.is_empty() && hostname != "localhost" {
         names.push(hostname);
@@ -111,7 +120,9 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
 /// # Errors
 /// When the CA file can't be read or holds no certificate.
 pub fn client(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     if let Some(path) = extra_ca {
         let mut added = 0;
         for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_error(path, e))? {
@@ -130,7 +141,11 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl From<TlsError> for io::Error {

@@ -1,5 +1,11 @@
 //! The config: every example in config/ parses; bad values name their key;
 //! environment overrides apply; secrets never show.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs,
+    clippy::result_large_err
+)] // tests may panic
 
 use std::path::Path;
 use std::process::Command;
@@ -70,8 +76,14 @@ fn every_example_config_parses() {
 fn provider_defaults_are_filled_in() {
     let c = parse(&base("")).unwrap();
     let g = &c.integrations["g"];
-    assert_eq!(g.token_endpoint.as_str(), "https://oauth2.googleapis.com/token");
-    assert_eq!(g.authorization_endpoint.as_str(), "https://accounts.google.com/o/oauth2/auth");
+    assert_eq!(
+        g.token_endpoint.as_str(),
+        "https://oauth2.googleapis.com/token"
+    );
+    assert_eq!(
+        g.authorization_endpoint.as_str(),
+        "https://accounts.google.com/o/oauth2/auth"
+    );
     assert_eq!(g.scopes, ["https://mail.google.com/"]);
     let a = &c.accounts["jira"];
     assert_eq!((a.imap.host.as_str(), a.imap.port), ("imap.gmail.com", 993));
@@ -95,25 +107,61 @@ fn provider_defaults_are_filled_in() {
 fn errors_name_the_offending_key() {
     let cases = [
         (base("surprise = 1"), "surprise"),
-        (base("").replace("127.0.0.1:1993\"\ntls = \"implicit\"", "0.0.0.0:143\"\ntls = \"plaintext\""), "listeners[0].tls"),
-        (base("").replace("address = \"127.0.0.1:1993\"", "address = \"nowhere\""), "listeners[0].address"),
-        (base("").replace("integration = \"g\"", "integration = \"ms\""), "accounts.jira.integration: no integration named \"ms\""),
-        (base("").replace(HASH, "plaintext-password"), "accounts.jira.password_hash"),
-        (base("").replace("provider = \"google\"", "provider = \"custom\""), "integrations.g.authorization_endpoint"),
         (
-            base("").replace("provider = \"google\"", "provider = \"google\"\ntoken_endpoint = \"http://oauth.example.com/token\""),
+            base("").replace(
+                "127.0.0.1:1993\"\ntls = \"implicit\"",
+                "0.0.0.0:143\"\ntls = \"plaintext\"",
+            ),
+            "listeners[0].tls",
+        ),
+        (
+            base("").replace("address = \"127.0.0.1:1993\"", "address = \"nowhere\""),
+            "listeners[0].address",
+        ),
+        (
+            base("").replace("integration = \"g\"", "integration = \"ms\""),
+            "accounts.jira.integration: no integration named \"ms\"",
+        ),
+        (
+            base("").replace(HASH, "plaintext-password"),
+            "accounts.jira.password_hash",
+        ),
+        (
+            base("").replace("provider = \"google\"", "provider = \"custom\""),
+            "integrations.g.authorization_endpoint",
+        ),
+        (
+            base("").replace(
+                "provider = \"google\"",
+                "provider = \"google\"\ntoken_endpoint = \"http://oauth.example.com/token\"",
+            ),
             "integrations.g.token_endpoint: must be https",
         ),
         (
-            base("").replace("provider = \"google\"", "provider = \"google\"\ntoken_endpoint = \"http://127.0.0.1:9/token\""),
+            base("").replace(
+                "provider = \"google\"",
+                "provider = \"google\"\ntoken_endpoint = \"http://127.0.0.1:9/token\"",
+            ),
             "allow_insecure_loopback_http",
         ),
         (
-            base("").replace("client_secret = ", "client_secret_env = \"NOPE_NOT_SET\"\n#"),
+            base("").replace(
+                "client_secret = ",
+                "client_secret_env = \"NOPE_NOT_SET\"\n#",
+            ),
             "integrations.g.client_secret_env",
         ),
-        (base("[accounts.jira.imap]\naddress = \"imap.example.com\""), "accounts.jira.imap.address"),
-        (base("").replace("provider = \"google\"", "provider = \"google\"\ntenant = \"common\""), "integrations.g.tenant"),
+        (
+            base("[accounts.jira.imap]\naddress = \"imap.example.com\""),
+            "accounts.jira.imap.address",
+        ),
+        (
+            base("").replace(
+                "provider = \"google\"",
+                "provider = \"google\"\ntenant = \"common\"",
+            ),
+            "integrations.g.tenant",
+        ),
     ];
     for (toml, want) in cases {
         let err = error_of(&toml);
@@ -127,7 +175,12 @@ fn loopback_http_endpoints_need_the_explicit_switch() {
         "provider = \"google\"",
         "provider = \"google\"\ntoken_endpoint = \"http://127.0.0.1:9/token\"",
     );
-    assert_eq!(parse(&toml).unwrap().integrations["g"].token_endpoint.as_str(), "http://127.0.0.1:9/token");
+    assert_eq!(
+        parse(&toml).unwrap().integrations["g"]
+            .token_endpoint
+            .as_str(),
+        "http://127.0.0.1:9/token"
+    );
 }
 
 #[test]
@@ -144,7 +197,9 @@ fn environment_overrides_the_file() {
         jail.set_env("MAILGATE_ACCOUNTS__JIRA__MAILBOX", "other@example.com");
         jail.set_env("MAILGATE_STATE_DIR", "/srv/mailgate");
         let c = Config::from_figment(
-            Figment::new().merge(Toml::file("mailgate.toml")).merge(Env::prefixed("MAILGATE_").split("__")),
+            Figment::new()
+                .merge(Toml::file("mailgate.toml"))
+                .merge(Env::prefixed("MAILGATE_").split("__")),
         )
         .map_err(|e| e.to_string())?;
         assert_eq!(c.accounts["jira"].mailbox, "other@example.com");
@@ -166,7 +221,11 @@ fn secrets_never_show_in_debug_or_summary() {
 fn check_config_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, base("").replace("integration = \"g\"", "integration = \"ms\"")).unwrap();
+    std::fs::write(
+        &bad,
+        base("").replace("integration = \"g\"", "integration = \"ms\""),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
         .args(["--config", bad.to_str().unwrap(), "check-config"])
         .env_remove("MAILGATE_CONFIG")
@@ -196,7 +255,12 @@ fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"correct horse\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap();
@@ -212,7 +276,9 @@ fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
     assert!(accounts.verify(&creds("jira", b"correct horse\n")).is_err());
     // An unknown user and a wrong password fail the same way.
     assert_eq!(
-        accounts.verify(&creds("nobody", b"correct horse")).unwrap_err(),
+        accounts
+            .verify(&creds("nobody", b"correct horse"))
+            .unwrap_err(),
         accounts.verify(&creds("jira", b"wrong")).unwrap_err()
     );
 }

@@ -1,5 +1,11 @@
 //! The IMAP gateway end to end, against the harness's real Dovecot and real
 //! OAuth server, with real clients: Python imaplib, curl, and a raw client.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs,
+    clippy::result_large_err
+)] // tests may panic
 
 mod support;
 
@@ -32,17 +38,30 @@ async fn imaplib_fetch(port: u16, mode: &'static str, account: &Account, login: 
         format!("--login={login}"),
         format!("--out={}", out_dir.path().display()),
     ];
-    let out = tokio::task::spawn_blocking(move || python_imap(&args)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || python_imap(&args))
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "imap_client.py: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "imap_client.py: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(result["login"], "OK", "{login} over {mode}: {result}");
-    assert_eq!(result["count"].as_u64(), Some(harness().seed_messages().len() as u64));
+    assert_eq!(
+        result["count"].as_u64(),
+        Some(harness().seed_messages().len() as u64)
+    );
     let fetched: BTreeSet<String> = std::fs::read_dir(out_dir.path())
         .unwrap()
         .map(|e| sha(&std::fs::read(e.unwrap().path()).unwrap()))
         .collect();
-    assert_eq!(fetched, seed_digests(), "{login} over {mode}: fetched messages differ from the Maildir");
+    assert_eq!(
+        fetched,
+        seed_digests(),
+        "{login} over {mode}: fetched messages differ from the Maildir"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +74,10 @@ async fn imaplib_logs_in_every_way_over_implicit_tls_and_fetches_identical_bytes
     }
     gateway.stop().await;
     // A password with a space and a quote: quoted with escapes, or literal.
-    let account = Account { password: "p\\a ss\"w", ..Account::authorized("imaplib", "imaplib@example.test") };
+    let account = Account {
+        password: "p\\a ss\"w",
+        ..Account::authorized("imaplib", "imaplib@example.test")
+    };
     let gateway = Gateway::start(&[account.clone()]).await;
     for login in ["quoted", "literal", "authenticate"] {
         imaplib_fetch(gateway.imaps.port(), "ssl", &account, login).await;
@@ -95,12 +117,18 @@ async fn curl_fetches_identical_bytes_with_authenticate_plain_and_login() {
     let h = harness();
     h.seed("curl@example.test");
     // A password that LOGIN must quote, with escapes.
-    let account = Account { password: "pa ss\\\"word", ..Account::authorized("curl", "curl@example.test") };
+    let account = Account {
+        password: "pa ss\\\"word",
+        ..Account::authorized("curl", "curl@example.test")
+    };
     let gateway = Gateway::start(&[account.clone()]).await;
     let seeds = h.seed_messages();
     let cases = [
         (format!("imaps://localhost:{}", gateway.imaps.port()), None),
-        (format!("imaps://localhost:{}", gateway.imaps.port()), Some("AUTH=LOGIN")),
+        (
+            format!("imaps://localhost:{}", gateway.imaps.port()),
+            Some("AUTH=LOGIN"),
+        ),
         (format!("imap://localhost:{}", gateway.imap.port()), None),
     ];
     for (base, login_options) in cases {
@@ -115,9 +143,19 @@ async fn curl_fetches_identical_bytes_with_authenticate_plain_and_login() {
             if let Some(o) = login_options {
                 cmd.args(["--login-options", o]);
             }
-            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
-            assert!(out.status.success(), "curl {base} {login_options:?}: {}", String::from_utf8_lossy(&out.stderr));
-            assert!(out.stdout == *seed, "curl {base} {login_options:?} UID {}: bytes differ", i + 1);
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "curl {base} {login_options:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stdout == *seed,
+                "curl {base} {login_options:?} UID {}: bytes differ",
+                i + 1
+            );
         }
     }
     gateway.stop().await;
@@ -128,12 +166,22 @@ async fn curl_fetches_identical_bytes_with_authenticate_plain_and_login() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn literal_login_with_pipelined_commands_reaches_the_upstream() {
     harness().seed("pipeline@example.test");
-    let account = Account { password: "p w\"{1}\r\n", ..Account::authorized("pipeline", "pipeline@example.test") };
+    let account = Account {
+        password: "p w\"{1}\r\n",
+        ..Account::authorized("pipeline", "pipeline@example.test")
+    };
     let gateway = Gateway::start(&[account.clone()]).await;
     let (mut c, greeting) = RawImap::connect(gateway.imaps).await;
-    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1"), "{greeting}");
-    assert!(greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"), "{greeting}");
-    c.send(format!("a LOGIN {{{}}}\r\n", account.name.len()).as_bytes()).await;
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1"),
+        "{greeting}"
+    );
+    assert!(
+        greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"),
+        "{greeting}"
+    );
+    c.send(format!("a LOGIN {{{}}}\r\n", account.name.len()).as_bytes())
+        .await;
     assert!(c.line().await.starts_with("+ "));
     let password = account.password.as_bytes();
     let mut rest = format!("{} {{{}+}}\r\n", account.name, password.len()).into_bytes();
@@ -147,11 +195,27 @@ async fn literal_login_with_pipelined_commands_reaches_the_upstream() {
     let select = c.until_tagged("b").await;
     assert!(select.last().unwrap().starts_with("b OK"), "{select:?}");
     let header = c.line().await;
-    let size: usize = header.rsplit_once('{').unwrap().1.trim_end_matches('}').parse().unwrap();
+    let size: usize = header
+        .rsplit_once('{')
+        .unwrap()
+        .1
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
     let body = c.bytes(size).await;
     assert_eq!(body, harness().seed_messages()[0]);
-    assert!(c.until_tagged("c").await.last().unwrap().starts_with("c OK"));
-    assert!(c.until_tagged("d").await.last().unwrap().starts_with("d OK"));
+    assert!(c
+        .until_tagged("c")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("c OK"));
+    assert!(c
+        .until_tagged("d")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("d OK"));
     gateway.stop().await;
 }
 
@@ -160,26 +224,55 @@ async fn idle_sees_a_message_appended_by_another_connection() {
     harness().seed("idle@example.test");
     let account = Account::authorized("idle", "idle@example.test");
     let gateway = Gateway::start(&[account.clone()]).await;
-    let login = |c: &'static str| format!("{c} LOGIN {} \"{}\"\r\n", account.name, account.password.replace('"', "\\\""));
+    let login = |c: &'static str| {
+        format!(
+            "{c} LOGIN {} \"{}\"\r\n",
+            account.name,
+            account.password.replace('"', "\\\"")
+        )
+    };
 
     let (mut idler, _) = RawImap::connect(gateway.imaps).await;
     idler.send(login("a").as_bytes()).await;
-    assert!(idler.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert!(idler
+        .until_tagged("a")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("a OK"));
     idler.send(b"b SELECT INBOX\r\n").await;
     let select = idler.until_tagged("b").await;
-    let exists = select.iter().find_map(|l| l.strip_suffix(" EXISTS")).unwrap().trim_start_matches("* ").to_owned();
+    let exists = select
+        .iter()
+        .find_map(|l| l.strip_suffix(" EXISTS"))
+        .unwrap()
+        .trim_start_matches("* ")
+        .to_owned();
     let before: usize = exists.parse().unwrap();
     idler.send(b"c IDLE\r\n").await;
     assert!(idler.line().await.starts_with("+ "), "IDLE not accepted");
 
     let (mut writer, _) = RawImap::connect(gateway.imaps).await;
     writer.send(login("w1").as_bytes()).await;
-    assert!(writer.until_tagged("w1").await.last().unwrap().starts_with("w1 OK"));
-    let message = b"From: a@example.test\r\nTo: idle@example.test\r\nSubject: appended\r\n\r\nhello\r\n";
-    writer.send(format!("w2 APPEND INBOX {{{}+}}\r\n", message.len()).as_bytes()).await;
+    assert!(writer
+        .until_tagged("w1")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("w1 OK"));
+    let message =
+        b"From: a@example.test\r\nTo: idle@example.test\r\nSubject: appended\r\n\r\nhello\r\n";
+    writer
+        .send(format!("w2 APPEND INBOX {{{}+}}\r\n", message.len()).as_bytes())
+        .await;
     writer.send(message).await;
     writer.send(b"\r\n").await;
-    assert!(writer.until_tagged("w2").await.last().unwrap().starts_with("w2 OK"));
+    assert!(writer
+        .until_tagged("w2")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("w2 OK"));
 
     let seen = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -194,13 +287,21 @@ async fn idle_sees_a_message_appended_by_another_connection() {
     .expect("IDLE saw no EXISTS within 30 s");
     assert_eq!(seen, format!("* {} EXISTS", before + 1));
     idler.send(b"DONE\r\n").await;
-    assert!(idler.until_tagged("c").await.last().unwrap().starts_with("c OK"));
+    assert!(idler
+        .until_tagged("c")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("c OK"));
     gateway.stop().await;
 }
 
 /// A TCP listener that counts connections: stands in for the token
 /// endpoint and the upstream to prove that nothing reaches them.
-async fn counting_listener() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn counting_listener() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -238,23 +339,47 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
     ] {
         c.send(line.as_bytes()).await;
         let reply = c.until_tagged(tag).await;
-        assert_eq!(reply.last().unwrap(), &format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed"));
+        assert_eq!(
+            reply.last().unwrap(),
+            &format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed")
+        );
     }
-    assert_eq!(oauth_hits.load(SeqCst), 0, "a failed local login reached the OAuth server");
-    assert_eq!(upstream_hits.load(SeqCst), 0, "a failed local login reached the upstream");
+    assert_eq!(
+        oauth_hits.load(SeqCst),
+        0,
+        "a failed local login reached the OAuth server"
+    );
+    assert_eq!(
+        upstream_hits.load(SeqCst),
+        0,
+        "a failed local login reached the upstream"
+    );
     // Control: the right password does reach the token endpoint (which is
     // not a real one, so the login ends in UNAVAILABLE).
     c.send(b"d LOGIN victim \"right password\"\r\n").await;
     let reply = c.until_tagged("d").await;
-    assert!(reply.last().unwrap().starts_with("d NO [UNAVAILABLE]"), "{reply:?}");
-    assert!(oauth_hits.load(SeqCst) > 0, "the counting token endpoint saw nothing");
+    assert!(
+        reply.last().unwrap().starts_with("d NO [UNAVAILABLE]"),
+        "{reply:?}"
+    );
+    assert!(
+        oauth_hits.load(SeqCst) > 0,
+        "the counting token endpoint saw nothing"
+    );
     gateway.stop().await;
 }
 
 async fn login_ok(gateway: &Gateway, account: &Account) -> Vec<String> {
     let (mut c, _) = RawImap::connect(gateway.imaps).await;
-    c.send(format!("a LOGIN {} \"{}\"\r\n", account.name, account.password.replace('"', "\\\"")).as_bytes())
-        .await;
+    c.send(
+        format!(
+            "a LOGIN {} \"{}\"\r\n",
+            account.name,
+            account.password.replace('"', "\\\"")
+        )
+        .as_bytes(),
+    )
+    .await;
     let reply = c.until_tagged("a").await;
     c.send(b"z LOGOUT\r\n").await;
     let _ = c.until_tagged("z").await;
@@ -274,14 +399,22 @@ async fn expired_access_token_is_refreshed_before_use() {
     let gateway = Gateway::start(&[account.clone()]).await;
     let first = login_ok(&gateway, &account).await;
     assert!(first.last().unwrap().starts_with("a OK"), "{first:?}");
-    let stored = gateway.stored_refresh_token("short").expect("rotated refresh token stored");
-    assert_ne!(stored, grant.refresh_token, "the rotated refresh token was kept");
+    let stored = gateway
+        .stored_refresh_token("short")
+        .expect("rotated refresh token stored");
+    assert_ne!(
+        stored, grant.refresh_token,
+        "the rotated refresh token was kept"
+    );
     // The access token lives 5 s; after 6 s it has expired.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let second = login_ok(&gateway, &account).await;
     assert!(second.last().unwrap().starts_with("a OK"), "{second:?}");
     let restored = gateway.stored_refresh_token("short").unwrap();
-    assert_ne!(restored, stored, "a second refresh happened (and rotated again)");
+    assert_ne!(
+        restored, stored,
+        "a second refresh happened (and rotated again)"
+    );
     gateway.stop().await;
 }
 
@@ -295,17 +428,27 @@ async fn revoked_access_token_is_replaced_and_a_dead_grant_gives_a_clean_no() {
     // revoking it leaves the refresh token alive.
     let old = h.authorize(support::CLIENT, "revoked@example.test");
     let grant = h.authorize(support::CLIENT, "revoked@example.test");
-    let account = Account { refresh_token: None, ..Account::authorized("revoked", "revoked@example.test") };
-    let stored = support::Grant { access_token: old.access_token.clone(), refresh_token: grant.refresh_token.clone() };
+    let account = Account {
+        refresh_token: None,
+        ..Account::authorized("revoked", "revoked@example.test")
+    };
+    let stored = support::Grant {
+        access_token: old.access_token.clone(),
+        refresh_token: grant.refresh_token.clone(),
+    };
     // The gateway's first login uses the stored access token.
     let gateway = Gateway::start_with_store(&[account.clone()], "revoked", &stored).await;
-    h.revoke(support::CLIENT, &old.access_token, "access_token").await;
+    h.revoke(support::CLIENT, &old.access_token, "access_token")
+        .await;
     // Dovecot rejects the revoked token with a 401 challenge; the gateway
     // refreshes and logs in.
     let reply = login_ok(&gateway, &account).await;
     assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
     let rotated = gateway.stored_refresh_token("revoked").unwrap();
-    assert_ne!(rotated, grant.refresh_token, "the refresh happened and its rotation was stored");
+    assert_ne!(
+        rotated, grant.refresh_token,
+        "the refresh happened and its rotation was stored"
+    );
 
     // Now kill the whole grant: the cached token is rejected and the
     // refresh fails too. The client gets a clean NO, and nothing is deleted.
@@ -316,8 +459,15 @@ async fn revoked_access_token_is_replaced_and_a_dead_grant_gives_a_clean_no() {
         "a NO [UNAVAILABLE] This account must be authorized again by the mailgate administrator",
         "{reply:?}"
     );
-    assert!(!reply.iter().any(|l| l.starts_with("+ ")), "the provider's challenge reached the client: {reply:?}");
-    assert_eq!(gateway.stored_refresh_token("revoked").as_deref(), Some(rotated.as_str()), "the stored token was kept");
+    assert!(
+        !reply.iter().any(|l| l.starts_with("+ ")),
+        "the provider's challenge reached the client: {reply:?}"
+    );
+    assert_eq!(
+        gateway.stored_refresh_token("revoked").as_deref(),
+        Some(rotated.as_str()),
+        "the stored token was kept"
+    );
     gateway.stop().await;
 }
 
@@ -326,7 +476,12 @@ async fn revoked_access_token_is_replaced_and_a_dead_grant_gives_a_clean_no() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_client_credentials_token_is_replaced() {
     let h = harness();
-    let account = Account { grant: "client_credentials", refresh_token: None, ..Account::authorized("app", "app@example.test") };
+    let account = Account {
+        grant: "client_credentials",
+        refresh_token: None,
+        ..Account::authorized("app", "app@example.test")
+    };
+    mailgate::tls::install_default_provider();
     let response: serde_json::Value = reqwest::Client::new()
         .post(&h.oauth_token_url)
         .basic_auth(support::CLIENT.id, Some(support::CLIENT.secret))
@@ -337,8 +492,14 @@ async fn revoked_client_credentials_token_is_replaced() {
         .json()
         .await
         .unwrap();
-    let token = response["access_token"].as_str().expect("client credentials token").to_owned();
-    let stored = support::Grant { access_token: token.clone(), refresh_token: String::new() };
+    let token = response["access_token"]
+        .as_str()
+        .expect("client credentials token")
+        .to_owned();
+    let stored = support::Grant {
+        access_token: token.clone(),
+        refresh_token: String::new(),
+    };
     let gateway = Gateway::start_with_store(&[account.clone()], "app", &stored).await;
     h.revoke(support::CLIENT, &token, "access_token").await;
     let reply = login_ok(&gateway, &account).await;
@@ -381,4 +542,127 @@ async fn concurrent_logins_wait_for_one_refresh() {
     // One more login, after all of them, still works: the grant is alive.
     let reply = login_ok(&gateway, &account).await;
     assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_certificate_must_chain_to_a_trusted_root() {
+    let account = Account::authorized("untrusted", "untrusted@example.test");
+    // The same Dovecot, but without the harness CA: its certificate is
+    // untrusted (webpki roots only), and the login fails.
+    let gateway = Gateway::start_with_trust(&[account.clone()], "", false).await;
+    let reply = login_ok(&gateway, &account).await;
+    assert_eq!(
+        reply.last().unwrap(),
+        "a NO [UNAVAILABLE] Upstream mail service unavailable, try again later",
+        "{reply:?}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_answered_after_the_configured_delay() {
+    // Other test gateways wait 10 ms; this one 400 ms.
+    let account = Account {
+        refresh_token: None,
+        ..Account::authorized("slow", "slow@example.test")
+    };
+    let gateway = Gateway::start_with_delay(&[account], "400ms").await;
+    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    let started = std::time::Instant::now();
+    c.send(b"a LOGIN slow wrong\r\n").await;
+    let reply = c.until_tagged("a").await;
+    assert!(reply
+        .last()
+        .unwrap()
+        .starts_with("a NO [AUTHENTICATIONFAILED]"));
+    // A lower bound on a deliberate delay, not a speed measurement.
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    gateway.stop().await;
+}
+
+/// A minimal HTTP server: answers every request with `response`, counting
+/// connections; `None` accepts and never answers (a stalled endpoint).
+async fn http_fake(
+    response: Option<String>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                match response {
+                    Some(r) => {
+                        let _ = conn.write_all(r.as_bytes()).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(60)).await,
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_follow_no_redirects_and_time_out() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (target, target_hits) = http_fake(Some(
+        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".into(),
+    ))
+    .await;
+    let redirect = format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{target}/token\r\ncontent-length: 0\r\n\r\n"
+    );
+    let (redirector, redirector_hits) = http_fake(Some(redirect)).await;
+    let (stalled, _) = http_fake(None).await;
+    let base = Account {
+        grant: "client_credentials",
+        refresh_token: None,
+        ..Account::authorized("x", "x@example.test")
+    };
+    let redirected = Account {
+        name: "redirected",
+        token_url: Some(format!("http://{redirector}/token")),
+        ..base.clone()
+    };
+    let stalling = Account {
+        name: "stalling",
+        token_url: Some(format!("http://{stalled}/token")),
+        ..base
+    };
+    let gateway = Gateway::start_with(
+        &[redirected.clone(), stalling.clone()],
+        "request_timeout = \"1s\"",
+    )
+    .await;
+    let reply = login_ok(&gateway, &redirected).await;
+    assert!(reply.last().unwrap().starts_with("a NO"), "{reply:?}");
+    assert!(redirector_hits.load(SeqCst) > 0);
+    assert_eq!(
+        target_hits.load(SeqCst),
+        0,
+        "the token request followed a redirect"
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(20), login_ok(&gateway, &stalling))
+        .await
+        .expect("a stalled token endpoint must not hang the login");
+    assert_eq!(
+        reply.last().unwrap(),
+        "a NO [UNAVAILABLE] Upstream mail service unavailable, try again later",
+        "{reply:?}"
+    );
+    gateway.stop().await;
 }

@@ -12,6 +12,12 @@
 //! - upstream logins: `up> bytes` the upstream sends; `>up bytes` we send;
 //!   `!starttls`, `!loggedin CAPS...`, `!leftover BYTES`, `!rejected STATUS|-`,
 //!   `!in-use`, `!protocol` are expected actions; `=tls` is the driver's call.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs,
+    clippy::result_large_err
+)] // tests may panic
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -39,7 +45,11 @@ fn unescape(s: &str) -> Vec<u8> {
             Some(b'n') => out.push(b'\n'),
             Some(b'\\') => out.push(b'\\'),
             Some(b'x') => {
-                let hex: String = [chars.next(), chars.next()].iter().flatten().map(|&b| b as char).collect();
+                let hex: String = [chars.next(), chars.next()]
+                    .iter()
+                    .flatten()
+                    .map(|&b| b as char)
+                    .collect();
                 out.push(u8::from_str_radix(&hex, 16).expect("bad \\x escape"));
             }
             // Any other backslash stands for itself (IMAP quoted escapes).
@@ -73,17 +83,29 @@ fn segments(text: &str, input_prefix: &str, output_prefix: &str) -> Vec<Segment>
             let bytes = unescape(bytes.strip_prefix(' ').unwrap_or(bytes));
             match out.last_mut() {
                 Some(seg) if !expecting && seg.call.is_none() => seg.input.extend(bytes),
-                _ => out.push(Segment { input: bytes, call: None, expected: String::new() }),
+                _ => out.push(Segment {
+                    input: bytes,
+                    call: None,
+                    expected: String::new(),
+                }),
             }
             expecting = false;
         } else if let Some(call) = line.strip_prefix('=') {
-            out.push(Segment { input: Vec::new(), call: Some(call.to_owned()), expected: String::new() });
+            out.push(Segment {
+                input: Vec::new(),
+                call: Some(call.to_owned()),
+                expected: String::new(),
+            });
             expecting = false;
         } else {
             let seg = match out.last_mut() {
                 Some(seg) => seg,
                 None => {
-                    out.push(Segment { input: Vec::new(), call: None, expected: String::new() });
+                    out.push(Segment {
+                        input: Vec::new(),
+                        call: None,
+                        expected: String::new(),
+                    });
                     out.last_mut().unwrap()
                 }
             };
@@ -91,16 +113,24 @@ fn segments(text: &str, input_prefix: &str, output_prefix: &str) -> Vec<Segment>
                 let bytes = unescape(bytes.strip_prefix(' ').unwrap_or(bytes));
                 writeln!(seg.expected, "send {:?}", String::from_utf8_lossy(&bytes)).unwrap();
             } else {
-                let action = line.strip_prefix('!').unwrap_or_else(|| panic!("unknown line {line:?}"));
+                let action = line
+                    .strip_prefix('!')
+                    .unwrap_or_else(|| panic!("unknown line {line:?}"));
                 let (name, arg) = action.split_once(' ').unwrap_or((action, ""));
                 match name {
                     "leftover" => {
                         let bytes = unescape(&format!("{arg}\\"));
-                        writeln!(seg.expected, "leftover {:?}", String::from_utf8_lossy(&bytes)).unwrap();
+                        writeln!(
+                            seg.expected,
+                            "leftover {:?}",
+                            String::from_utf8_lossy(&bytes)
+                        )
+                        .unwrap();
                     }
                     "splice" => {
                         let bytes = unescape(&format!("{arg}\\"));
-                        writeln!(seg.expected, "splice {:?}", String::from_utf8_lossy(&bytes)).unwrap();
+                        writeln!(seg.expected, "splice {:?}", String::from_utf8_lossy(&bytes))
+                            .unwrap();
                     }
                     _ => writeln!(seg.expected, "{name} {arg}").unwrap(),
                 }
@@ -169,11 +199,16 @@ fn client_action(action: Action, out: &mut Vec<(Kind, String)>) {
         Action::StartTls => out.push((Kind::Action, "starttls ".into())),
         Action::Authenticate(c) => out.push((
             Kind::Action,
-            format!("auth {} {}", c.username, String::from_utf8_lossy(c.password.expose())),
+            format!(
+                "auth {} {}",
+                c.username,
+                String::from_utf8_lossy(c.password.expose())
+            ),
         )),
-        Action::Splice { to_upstream } => {
-            out.push((Kind::Action, format!("splice {:?}", String::from_utf8_lossy(&to_upstream))))
-        }
+        Action::Splice { to_upstream } => out.push((
+            Kind::Action,
+            format!("splice {:?}", String::from_utf8_lossy(&to_upstream)),
+        )),
         Action::Close => out.push((Kind::Action, "close ".into())),
     }
 }
@@ -183,7 +218,10 @@ fn client_options(name: &str) -> imap::Options {
         tls_active: !name.starts_with("starttls"),
         starttls: name.starts_with("starttls"),
         loopback_plaintext: false,
-        limits: FrameLimits { max_line: 200, max_literal: 100 },
+        limits: FrameLimits {
+            max_line: 200,
+            max_literal: 100,
+        },
     }
 }
 
@@ -216,7 +254,11 @@ fn run_client(name: &str, text: &str, chunk: usize) {
         while let Some(a) = session.next_action() {
             client_action(a, &mut got);
         }
-        assert_eq!(render(&mut got), expected_merged(&seg.expected), "{name}, segment {i}, chunk {chunk}");
+        assert_eq!(
+            render(&mut got),
+            expected_merged(&seg.expected),
+            "{name}, segment {i}, chunk {chunk}"
+        );
     }
 }
 
@@ -224,10 +266,16 @@ fn upstream_action(action: UpstreamAction, out: &mut Vec<(Kind, String)>) {
     match action {
         UpstreamAction::Send(b) => out.push((Kind::Send, String::from_utf8_lossy(&b).into_owned())),
         UpstreamAction::StartTls => out.push((Kind::Action, "starttls ".into())),
-        UpstreamAction::LoggedIn { capabilities, to_client } => {
+        UpstreamAction::LoggedIn {
+            capabilities,
+            to_client,
+        } => {
             out.push((Kind::Action, format!("loggedin {}", capabilities.join(" "))));
             if !to_client.is_empty() {
-                out.push((Kind::Leftover, String::from_utf8_lossy(&to_client).into_owned()));
+                out.push((
+                    Kind::Leftover,
+                    String::from_utf8_lossy(&to_client).into_owned(),
+                ));
             }
         }
         UpstreamAction::Failed(UpstreamFailure::Rejected { status, in_use }) => {
@@ -237,12 +285,18 @@ fn upstream_action(action: UpstreamAction, out: &mut Vec<(Kind, String)>) {
                 out.push((Kind::Action, "in-use ".into()));
             }
         }
-        UpstreamAction::Failed(UpstreamFailure::Protocol(_)) => out.push((Kind::Action, "protocol ".into())),
+        UpstreamAction::Failed(UpstreamFailure::Protocol(_)) => {
+            out.push((Kind::Action, "protocol ".into()))
+        }
     }
 }
 
 fn run_upstream(name: &str, text: &str, chunk: usize) {
-    let tls = if name.starts_with("starttls") { imap::UpstreamTls::StartTls } else { imap::UpstreamTls::Implicit };
+    let tls = if name.starts_with("starttls") {
+        imap::UpstreamTls::StartTls
+    } else {
+        imap::UpstreamTls::Implicit
+    };
     let mut up = imap::Upstream::new("alice@example.test", &Secret::new("tok".into()), tls);
     let mut got = Vec::new();
     let mut logged_in = false;
@@ -267,12 +321,18 @@ fn run_upstream(name: &str, text: &str, chunk: usize) {
         while let Some(a) = up.next_action() {
             upstream_action(a, &mut got);
         }
-        assert_eq!(render(&mut got), expected_merged(&seg.expected), "{name}, segment {i}, chunk {chunk}");
+        assert_eq!(
+            render(&mut got),
+            expected_merged(&seg.expected),
+            "{name}, segment {i}, chunk {chunk}"
+        );
     }
 }
 
 fn run_dir(dir: &str, run: fn(&str, &str, usize)) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/transcripts").join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/transcripts")
+        .join(dir);
     let mut count = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

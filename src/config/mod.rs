@@ -34,7 +34,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// The validated configuration.
@@ -174,7 +177,9 @@ impl Config {
     /// # Errors
     /// When a value is missing or invalid.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let raw: raw::Config = figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let raw: raw::Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
         validate(raw)
     }
 
@@ -196,7 +201,11 @@ impl Config {
             }
         );
         for l in &self.listeners {
-            let _ = writeln!(s, "listener: {:?} on {} ({:?})", l.protocol, l.address, l.tls);
+            let _ = writeln!(
+                s,
+                "listener: {:?} on {} ({:?})",
+                l.protocol, l.address, l.tls
+            );
         }
         for i in self.integrations.values() {
             let _ = writeln!(
@@ -215,7 +224,14 @@ impl Config {
             let _ = writeln!(
                 s,
                 "account {}: user {}, integration {}, mailbox {}, grant {:?}, imap {}:{} ({:?})",
-                a.name, a.username, a.integration.name, a.mailbox, a.grant, a.imap.host, a.imap.port, a.imap.tls
+                a.name,
+                a.username,
+                a.integration.name,
+                a.mailbox,
+                a.grant,
+                a.imap.host,
+                a.imap.port,
+                a.imap.tls
             );
         }
         s
@@ -230,16 +246,34 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         .map(|(i, l)| listener(&format!("listeners[{i}]"), l))
         .collect::<Result<Vec<_>, _>>()?;
     let limits = Limits {
-        max_line: positive("limits.max_line", raw.limits.max_line.unwrap_or(DEFAULT_MAX_LINE))?,
+        max_line: positive(
+            "limits.max_line",
+            raw.limits.max_line.unwrap_or(DEFAULT_MAX_LINE),
+        )?,
         max_literal: raw.limits.max_literal.unwrap_or(DEFAULT_MAX_LITERAL),
-        login_failure_delay: raw.limits.login_failure_delay.unwrap_or(DEFAULT_LOGIN_FAILURE_DELAY),
-        tls_handshake_timeout: raw.limits.tls_handshake_timeout.unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
-        pre_auth_timeout: raw.limits.pre_auth_timeout.unwrap_or(DEFAULT_PRE_AUTH_TIMEOUT),
-        upstream_timeout: raw.limits.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+        login_failure_delay: raw
+            .limits
+            .login_failure_delay
+            .unwrap_or(DEFAULT_LOGIN_FAILURE_DELAY),
+        tls_handshake_timeout: raw
+            .limits
+            .tls_handshake_timeout
+            .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+        pre_auth_timeout: raw
+            .limits
+            .pre_auth_timeout
+            .unwrap_or(DEFAULT_PRE_AUTH_TIMEOUT),
+        upstream_timeout: raw
+            .limits
+            .upstream_timeout
+            .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
     };
     let oauth = OAuthSettings {
         allow_insecure_loopback_http: raw.oauth.allow_insecure_loopback_http,
-        request_timeout: raw.oauth.request_timeout.unwrap_or(DEFAULT_OAUTH_REQUEST_TIMEOUT),
+        request_timeout: raw
+            .oauth
+            .request_timeout
+            .unwrap_or(DEFAULT_OAUTH_REQUEST_TIMEOUT),
         refresh_margin: raw.oauth.refresh_margin.unwrap_or(DEFAULT_REFRESH_MARGIN),
     };
     let mut integrations = BTreeMap::new();
@@ -255,7 +289,10 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         if let Some(other) = usernames.insert(account.username.clone(), name.clone()) {
             return Err(invalid(
                 format!("{key}.username"),
-                format!("username {:?} is also used by account {other:?}", account.username),
+                format!(
+                    "username {:?} is also used by account {other:?}",
+                    account.username
+                ),
             ));
         }
         accounts.insert(name, Arc::new(account));
@@ -263,7 +300,10 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     Ok(Config {
         state_dir: raw.state_dir,
         listeners,
-        certificate: raw.certificate.map(|c| CertificateFiles { cert: c.cert, key: c.key }),
+        certificate: raw.certificate.map(|c| CertificateFiles {
+            cert: c.cert,
+            key: c.key,
+        }),
         limits,
         oauth,
         integrations,
@@ -279,10 +319,12 @@ fn positive(key: &str, n: usize) -> Result<usize, ConfigError> {
 }
 
 fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
-    let address: SocketAddr = l
-        .address
-        .parse()
-        .map_err(|e| invalid(format!("{key}.address"), format!("{:?} is not an IP:port address: {e}", l.address)))?;
+    let address: SocketAddr = l.address.parse().map_err(|e| {
+        invalid(
+            format!("{key}.address"),
+            format!("{:?} is not an IP:port address: {e}", l.address),
+        )
+    })?;
     let tls = match l.tls {
         raw::ListenerTls::Implicit => ListenerTls::Implicit,
         raw::ListenerTls::Starttls => ListenerTls::StartTls,
@@ -296,7 +338,11 @@ fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
             ListenerTls::Plaintext
         }
     };
-    Ok(Listener { protocol: l.protocol, address, tls })
+    Ok(Listener {
+        protocol: l.protocol,
+        address,
+        tls,
+    })
 }
 
 /// Google's and Microsoft's documented endpoints and mail scopes.
@@ -331,39 +377,76 @@ fn integration(
     }
     let tenant = match (&i.tenant, i.provider) {
         (Some(t), Provider::Microsoft) => {
-            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')) {
-                return Err(invalid(format!("{key}.tenant"), "must be common, organizations, consumers, a tenant id or a domain"));
+            if t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+            {
+                return Err(invalid(
+                    format!("{key}.tenant"),
+                    "must be common, organizations, consumers, a tenant id or a domain",
+                ));
             }
             t.as_str()
         }
-        (Some(_), _) => return Err(invalid(format!("{key}.tenant"), "applies only to provider \"microsoft\"")),
+        (Some(_), _) => {
+            return Err(invalid(
+                format!("{key}.tenant"),
+                "applies only to provider \"microsoft\"",
+            ))
+        }
         (None, _) => "common",
     };
     let defaults = provider_defaults(i.provider, tenant);
     let pick = |given: Option<String>, default: Option<String>, field: &str| {
-        given.or(default).ok_or_else(|| invalid(format!("{key}.{field}"), "is required for a custom provider"))
+        given.or(default).ok_or_else(|| {
+            invalid(
+                format!("{key}.{field}"),
+                "is required for a custom provider",
+            )
+        })
     };
-    let authorization_endpoint = pick(i.authorization_endpoint, defaults.as_ref().map(|d| d.0.clone()), "authorization_endpoint")?;
-    let token_endpoint = pick(i.token_endpoint, defaults.as_ref().map(|d| d.1.clone()), "token_endpoint")?;
+    let authorization_endpoint = pick(
+        i.authorization_endpoint,
+        defaults.as_ref().map(|d| d.0.clone()),
+        "authorization_endpoint",
+    )?;
+    let token_endpoint = pick(
+        i.token_endpoint,
+        defaults.as_ref().map(|d| d.1.clone()),
+        "token_endpoint",
+    )?;
     let scopes = match (i.scopes, defaults) {
         (Some(s), _) if !s.is_empty() => s,
         (Some(_), _) => return Err(invalid(format!("{key}.scopes"), "must not be empty")),
         (None, Some(d)) => d.2,
-        (None, None) => return Err(invalid(format!("{key}.scopes"), "is required for a custom provider")),
+        (None, None) => {
+            return Err(invalid(
+                format!("{key}.scopes"),
+                "is required for a custom provider",
+            ))
+        }
     };
     let client_secret = match (i.client_secret, i.client_secret_file, i.client_secret_env) {
         (None, None, None) => None,
         (Some(s), None, None) => Some(s),
         (None, Some(path), None) => Some(
             std::fs::read_to_string(&path)
-                .map_err(|e| invalid(format!("{key}.client_secret_file"), format!("can't read {}: {e}", path.display())))?
+                .map_err(|e| {
+                    invalid(
+                        format!("{key}.client_secret_file"),
+                        format!("can't read {}: {e}", path.display()),
+                    )
+                })?
                 .trim_end_matches(['\r', '\n'])
                 .to_owned(),
         ),
-        (None, None, Some(var)) => Some(
-            std::env::var(&var)
-                .map_err(|_| invalid(format!("{key}.client_secret_env"), format!("environment variable {var} is not set")))?,
-        ),
+        (None, None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+            invalid(
+                format!("{key}.client_secret_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?),
         _ => {
             return Err(invalid(
                 format!("{key}.client_secret"),
@@ -378,14 +461,19 @@ fn integration(
         client_id: i.client_id,
         client_secret: client_secret.map(Secret::new),
         scopes,
-        authorization_endpoint: endpoint(&format!("{key}.authorization_endpoint"), &authorization_endpoint, oauth)?,
+        authorization_endpoint: endpoint(
+            &format!("{key}.authorization_endpoint"),
+            &authorization_endpoint,
+            oauth,
+        )?,
         token_endpoint: endpoint(&format!("{key}.token_endpoint"), &token_endpoint, oauth)?,
     })
 }
 
 /// An OAuth endpoint: https, or http on loopback when explicitly allowed.
 fn endpoint(key: &str, value: &str, oauth: &OAuthSettings) -> Result<Url, ConfigError> {
-    let url = Url::parse(value).map_err(|e| invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    let url =
+        Url::parse(value).map_err(|e| invalid(key, format!("{value:?} is not a URL: {e}")))?;
     match url.scheme() {
         "https" => Ok(url),
         "http" if oauth.allow_insecure_loopback_http && is_loopback_host(&url) => Ok(url),
@@ -414,7 +502,12 @@ fn account(
 ) -> Result<Account, ConfigError> {
     let integration = integrations
         .get(&a.integration)
-        .ok_or_else(|| invalid(format!("{key}.integration"), format!("no integration named {:?}", a.integration)))?
+        .ok_or_else(|| {
+            invalid(
+                format!("{key}.integration"),
+                format!("no integration named {:?}", a.integration),
+            )
+        })?
         .clone();
     let username = a.username.unwrap_or_else(|| name.clone());
     if username.is_empty() {
@@ -422,18 +515,34 @@ fn account(
     }
     match argon2::PasswordHash::new(&a.password_hash) {
         Ok(h) if h.algorithm.as_str() == "argon2id" => {}
-        Ok(_) => return Err(invalid(format!("{key}.password_hash"), "must be an argon2id hash (see mailgate hash-password)")),
-        Err(e) => return Err(invalid(format!("{key}.password_hash"), format!("not a PHC hash string: {e}"))),
+        Ok(_) => {
+            return Err(invalid(
+                format!("{key}.password_hash"),
+                "must be an argon2id hash (see mailgate hash-password)",
+            ))
+        }
+        Err(e) => {
+            return Err(invalid(
+                format!("{key}.password_hash"),
+                format!("not a PHC hash string: {e}"),
+            ))
+        }
     }
     if a.mailbox.is_empty() || a.mailbox.contains(['\x01', '\r', '\n']) {
-        return Err(invalid(format!("{key}.mailbox"), "must be a non-empty mailbox name"));
+        return Err(invalid(
+            format!("{key}.mailbox"),
+            "must be a non-empty mailbox name",
+        ));
     }
     let imap = match (a.imap, integration.provider) {
         (Some(u), _) => upstream(&format!("{key}.imap"), u)?,
         (None, Provider::Google) => default_upstream("imap.gmail.com", 993),
         (None, Provider::Microsoft) => default_upstream("outlook.office365.com", 993),
         (None, Provider::Custom) => {
-            return Err(invalid(format!("{key}.imap"), "is required for an integration with a custom provider"))
+            return Err(invalid(
+                format!("{key}.imap"),
+                "is required for an integration with a custom provider",
+            ))
         }
     };
     Ok(Account {
@@ -449,22 +558,43 @@ fn account(
 }
 
 fn default_upstream(host: &str, port: u16) -> UpstreamServer {
-    UpstreamServer { host: host.into(), port, tls: UpstreamTls::Implicit, ca_file: None }
+    UpstreamServer {
+        host: host.into(),
+        port,
+        tls: UpstreamTls::Implicit,
+        ca_file: None,
+    }
 }
 
 fn upstream(key: &str, u: raw::Upstream) -> Result<UpstreamServer, ConfigError> {
     let (host, port) = u
         .address
         .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().ok()?,
+            ))
+        })
         .filter(|(h, p)| !h.is_empty() && *p != 0)
-        .ok_or_else(|| invalid(format!("{key}.address"), format!("{:?} is not host:port", u.address)))?;
+        .ok_or_else(|| {
+            invalid(
+                format!("{key}.address"),
+                format!("{:?} is not host:port", u.address),
+            )
+        })?;
     if rustls::pki_types::ServerName::try_from(host).is_err() {
-        return Err(invalid(format!("{key}.address"), format!("{host:?} is not a valid host name")));
+        return Err(invalid(
+            format!("{key}.address"),
+            format!("{host:?} is not a valid host name"),
+        ));
     }
     if let Some(ca) = &u.ca_file {
         if !ca.is_file() {
-            return Err(invalid(format!("{key}.ca_file"), format!("{} is not a readable file", ca.display())));
+            return Err(invalid(
+                format!("{key}.ca_file"),
+                format!("{} is not a readable file", ca.display()),
+            ));
         }
     }
     Ok(UpstreamServer {

@@ -59,8 +59,19 @@ mod tests {
 
     #[test]
     fn after_login_drops_only_pre_auth_entries() {
-        let up = ["IMAP4rev1", "SASL-IR", "auth=xoauth2", "IDLE", "STARTTLS", "LITERAL+", "UIDPLUS"];
-        assert_eq!(after_login(&up), ["IMAP4rev1", "IDLE", "LITERAL+", "UIDPLUS"]);
+        let up = [
+            "IMAP4rev1",
+            "SASL-IR",
+            "auth=xoauth2",
+            "IDLE",
+            "STARTTLS",
+            "LITERAL+",
+            "UIDPLUS",
+        ];
+        assert_eq!(
+            after_login(&up),
+            ["IMAP4rev1", "IDLE", "LITERAL+", "UIDPLUS"]
+        );
         assert!(has(&up, "idle"));
         assert!(!has(&up, "MOVE"));
     }

@@ -4,7 +4,10 @@ use bytes::Bytes;
 
 /// `* OK [CAPABILITY ...] text`
 pub fn greeting(caps: &[&str]) -> Bytes {
-    Bytes::from(format!("* OK [CAPABILITY {}] mailgate ready\r\n", caps.join(" ")))
+    Bytes::from(format!(
+        "* OK [CAPABILITY {}] mailgate ready\r\n",
+        caps.join(" ")
+    ))
 }
 
 /// `* CAPABILITY ...`

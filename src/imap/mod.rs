@@ -7,6 +7,6 @@ pub mod parse;
 mod session;
 mod upstream;
 
-pub use session::{Options, Session};
 pub use crate::proto::UpstreamTls;
+pub use session::{Options, Session};
 pub use upstream::Upstream;

@@ -12,6 +12,12 @@ use nom::multi::separated_list1;
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
+/// A line that is not the IMAP it should be. Answered with BAD, or fails
+/// an upstream login; never a reason to guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed IMAP line")]
+pub struct ParseError;
+
 /// A client command before login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -45,22 +51,26 @@ pub struct Tagged<'a> {
 ///
 /// # Errors
 /// The input is not a command we understand; answer it with BAD.
-pub fn command(input: &[u8]) -> Result<Tagged<'_>, ()> {
+pub fn command(input: &[u8]) -> Result<Tagged<'_>, ParseError> {
     let parsed: IResult<&[u8], Tagged<'_>> = terminated(
-        (terminated(imap_tag, char(' ')), command_body).map(|(tag, command)| Tagged { tag, command }),
+        (terminated(imap_tag, char(' ')), command_body)
+            .map(|(tag, command)| Tagged { tag, command }),
         crlf,
     )
     .parse(input);
     match parsed {
-        Ok((rest, tagged)) if rest.is_empty() => Ok(tagged),
-        _ => Err(()),
+        Ok((&[], tagged)) => Ok(tagged),
+        _ => Err(ParseError),
     }
 }
 
 /// The tag at the start of a line that failed to parse, to answer it with
 /// `tag BAD`. `None` when there is no usable tag (answer `* BAD`).
 pub fn leading_tag(input: &[u8]) -> Option<&str> {
-    terminated(imap_tag, char(' ')).parse(input).ok().map(|(_, t)| t)
+    terminated(imap_tag, char(' '))
+        .parse(input)
+        .ok()
+        .map(|(_, t)| t)
 }
 
 fn command_body(i: &[u8]) -> IResult<&[u8], Command<'_>> {
@@ -69,15 +79,23 @@ fn command_body(i: &[u8]) -> IResult<&[u8], Command<'_>> {
         map(tag_no_case("NOOP"), |_| Command::Noop),
         map(tag_no_case("LOGOUT"), |_| Command::Logout),
         map(tag_no_case("STARTTLS"), |_| Command::StartTls),
-        map((tag_no_case("ID"), char(' '), take_while1(|b| b != b'\r' && b != b'\n')), |_| {
-            Command::Id
-        }),
+        map(
+            (
+                tag_no_case("ID"),
+                char(' '),
+                take_while1(|b| b != b'\r' && b != b'\n'),
+            ),
+            |_| Command::Id,
+        ),
         login,
         authenticate,
         // Any other command name; a known one whose arguments failed above
         // is a syntax error, not "not valid before login".
         map(
-            (verify(atom, |name: &[u8]| !is_known(name)), take_while(|b| b != b'\r' && b != b'\n')),
+            (
+                verify(atom, |name: &[u8]| !is_known(name)),
+                take_while(|b| b != b'\r' && b != b'\n'),
+            ),
             |(name, _)| Command::Other(name),
         ),
     ))
@@ -85,9 +103,17 @@ fn command_body(i: &[u8]) -> IResult<&[u8], Command<'_>> {
 }
 
 fn is_known(name: &[u8]) -> bool {
-    ["CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "ID", "LOGIN", "AUTHENTICATE"]
-        .iter()
-        .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
+    [
+        "CAPABILITY",
+        "NOOP",
+        "LOGOUT",
+        "STARTTLS",
+        "ID",
+        "LOGIN",
+        "AUTHENTICATE",
+    ]
+    .iter()
+    .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
 }
 
 /// `login = "LOGIN" SP userid SP password`; both are `astring`.
@@ -117,7 +143,11 @@ fn authenticate(i: &[u8]) -> IResult<&[u8], Command<'_>> {
 
 /// `tag = 1*<any ASTRING-CHAR except "+">`
 fn imap_tag(i: &[u8]) -> IResult<&[u8], &str> {
-    map_res(take_while1(|b| is_astring_char(b) && b != b'+'), std::str::from_utf8).parse(i)
+    map_res(
+        take_while1(|b| is_astring_char(b) && b != b'+'),
+        std::str::from_utf8,
+    )
+    .parse(i)
 }
 
 /// `atom = 1*ATOM-CHAR`
@@ -165,7 +195,15 @@ fn quoted(i: &[u8]) -> IResult<&[u8], Vec<u8>> {
 fn literal(i: &[u8]) -> IResult<&[u8], &[u8]> {
     let (i, n) = delimited(
         char('{'),
-        terminated(map_res(digit1, |d: &[u8]| std::str::from_utf8(d).map_err(|_| ())?.parse::<usize>().map_err(|_| ())), opt(char('+'))),
+        terminated(
+            map_res(digit1, |d: &[u8]| {
+                std::str::from_utf8(d)
+                    .map_err(|_| ())?
+                    .parse::<usize>()
+                    .map_err(|_| ())
+            }),
+            opt(char('+')),
+        ),
         char('}'),
     )
     .parse(i)?;
@@ -190,7 +228,10 @@ fn fail(i: &[u8]) -> nom::Err<nom::error::Error<&[u8]>> {
 fn is_atom_char(b: u8) -> bool {
     b.is_ascii()
         && !b.is_ascii_control()
-        && !matches!(b, b'(' | b')' | b'{' | b' ' | b'%' | b'*' | b'"' | b'\\' | b']')
+        && !matches!(
+            b,
+            b'(' | b')' | b'{' | b' ' | b'%' | b'*' | b'"' | b'\\' | b']'
+        )
 }
 
 /// `ASTRING-CHAR = ATOM-CHAR / resp-specials`
@@ -211,7 +252,10 @@ pub enum Response<'a> {
     Capabilities(Vec<&'a str>),
     /// Any other untagged response: `status` is `OK`, `BYE`, `PREAUTH` or
     /// another atom.
-    Untagged { status: &'a [u8], code: Option<Code<'a>> },
+    Untagged {
+        status: &'a [u8],
+        code: Option<Code<'a>>,
+    },
     /// `response-tagged = tag SP resp-cond-state CRLF`
     Tagged {
         tag: &'a str,
@@ -240,15 +284,12 @@ pub enum Code<'a> {
 ///
 /// # Errors
 /// The line is not an IMAP response.
-pub fn response(input: &[u8]) -> Result<Response<'_>, ()> {
-    let parsed: IResult<&[u8], Response<'_>> = terminated(
-        alt((continue_req, capability_data, untagged, tagged)),
-        crlf,
-    )
-    .parse(input);
+pub fn response(input: &[u8]) -> Result<Response<'_>, ParseError> {
+    let parsed: IResult<&[u8], Response<'_>> =
+        terminated(alt((continue_req, capability_data, untagged, tagged)), crlf).parse(input);
     match parsed {
-        Ok((rest, r)) if rest.is_empty() => Ok(r),
-        _ => Err(()),
+        Ok((&[], r)) => Ok(r),
+        _ => Err(ParseError),
     }
 }
 
@@ -257,15 +298,20 @@ fn line_text(i: &[u8]) -> IResult<&[u8], &[u8]> {
 }
 
 fn continue_req(i: &[u8]) -> IResult<&[u8], Response<'_>> {
-    map(preceded(char('+'), opt(preceded(char(' '), line_text))), |t| {
-        Response::Continue(t.unwrap_or_default())
-    })
+    map(
+        preceded(char('+'), opt(preceded(char(' '), line_text))),
+        |t| Response::Continue(t.unwrap_or_default()),
+    )
     .parse(i)
 }
 
 /// `capability-data = "CAPABILITY" *(SP capability)`
 fn capability_data(i: &[u8]) -> IResult<&[u8], Response<'_>> {
-    map(preceded(tag_no_case("* CAPABILITY "), capability_list), Response::Capabilities).parse(i)
+    map(
+        preceded(tag_no_case("* CAPABILITY "), capability_list),
+        Response::Capabilities,
+    )
+    .parse(i)
 }
 
 fn capability_list(i: &[u8]) -> IResult<&[u8], Vec<&str>> {
@@ -278,7 +324,12 @@ fn capability_list(i: &[u8]) -> IResult<&[u8], Vec<&str>> {
 
 fn untagged(i: &[u8]) -> IResult<&[u8], Response<'_>> {
     map(
-        (tag("* "), atom, opt(preceded(char(' '), resp_code)), line_text),
+        (
+            tag("* "),
+            atom,
+            opt(preceded(char(' '), resp_code)),
+            line_text,
+        ),
         |(_, status, code, _)| Response::Untagged { status, code },
     )
     .parse(i)
@@ -297,7 +348,12 @@ fn tagged(i: &[u8]) -> IResult<&[u8], Response<'_>> {
             opt(char(' ')),
             line_text,
         ),
-        |(tag, status, code, _, text)| Response::Tagged { tag, status, code, text },
+        |(tag, status, code, _, text)| Response::Tagged {
+            tag,
+            status,
+            code,
+            text,
+        },
     )
     .parse(i)
 }
@@ -307,8 +363,14 @@ fn resp_code(i: &[u8]) -> IResult<&[u8], Code<'_>> {
     delimited(
         char('['),
         alt((
-            map(preceded(tag_no_case("CAPABILITY "), capability_list), Code::Capabilities),
-            map(take_while(|b| b != b']' && b != b'\r' && b != b'\n'), Code::Other),
+            map(
+                preceded(tag_no_case("CAPABILITY "), capability_list),
+                Code::Capabilities,
+            ),
+            map(
+                take_while(|b| b != b']' && b != b'\r' && b != b'\n'),
+                Code::Other,
+            ),
         )),
         char(']'),
     )
@@ -318,7 +380,8 @@ fn resp_code(i: &[u8]) -> IResult<&[u8], Code<'_>> {
 /// Everything after the first space of a line; used for unparsed text.
 pub fn after_first_space(i: &[u8]) -> &[u8] {
     let r: IResult<&[u8], &[u8]> = preceded(take_while(|b| b != b' '), rest).parse(i);
-    r.map(|(_, t)| t.strip_prefix(b" ").unwrap_or(t)).unwrap_or_default()
+    r.map(|(_, t)| t.strip_prefix(b" ").unwrap_or(t))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -334,7 +397,10 @@ mod tests {
 
     #[test]
     fn login_argument_forms() {
-        assert_eq!(login_args(b"a LOGIN alice s3cret\r\n"), (b"alice".to_vec(), b"s3cret".to_vec()));
+        assert_eq!(
+            login_args(b"a LOGIN alice s3cret\r\n"),
+            (b"alice".to_vec(), b"s3cret".to_vec())
+        );
         assert_eq!(
             login_args(b"a login \"al ice\" \"p\\\"w\\\\d\"\r\n"),
             (b"al ice".to_vec(), b"p\"w\\d".to_vec())
@@ -343,8 +409,14 @@ mod tests {
             login_args(b"a LOGIN {5}\r\nalice {4+}\r\np w\"\r\n"),
             (b"alice".to_vec(), b"p w\"".to_vec())
         );
-        assert_eq!(login_args(b"a LOGIN \"\" {0}\r\n\r\n"), (b"".to_vec(), b"".to_vec()));
-        assert_eq!(login_args(b"a LOGIN \"j\xc3\xbcrgen\" \"p\xc3\xa4ss\"\n").1, b"p\xc3\xa4ss".to_vec());
+        assert_eq!(
+            login_args(b"a LOGIN \"\" {0}\r\n\r\n"),
+            (b"".to_vec(), b"".to_vec())
+        );
+        assert_eq!(
+            login_args(b"a LOGIN \"j\xc3\xbcrgen\" \"p\xc3\xa4ss\"\n").1,
+            b"p\xc3\xa4ss".to_vec()
+        );
     }
 
     #[test]
@@ -360,7 +432,12 @@ mod tests {
             b"a\r\n",
             b"a NOOP",
         ] {
-            assert_eq!(command(line), Err(()), "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                command(line),
+                Err(ParseError),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -370,10 +447,21 @@ mod tests {
         assert_eq!((t.tag, t.command), ("A001", Command::Capability));
         assert_eq!(command(b"x NOOP\r\n").unwrap().command, Command::Noop);
         assert_eq!(command(b"x LOGOUT\r\n").unwrap().command, Command::Logout);
-        assert_eq!(command(b"x STARTTLS\r\n").unwrap().command, Command::StartTls);
-        assert_eq!(command(b"x ID (\"name\" \"fetchmail\")\r\n").unwrap().command, Command::Id);
+        assert_eq!(
+            command(b"x STARTTLS\r\n").unwrap().command,
+            Command::StartTls
+        );
+        assert_eq!(
+            command(b"x ID (\"name\" \"fetchmail\")\r\n")
+                .unwrap()
+                .command,
+            Command::Id
+        );
         assert_eq!(command(b"x ID NIL\r\n").unwrap().command, Command::Id);
-        assert_eq!(command(b"x SELECT INBOX\r\n").unwrap().command, Command::Other(b"SELECT"));
+        assert_eq!(
+            command(b"x SELECT INBOX\r\n").unwrap().command,
+            Command::Other(b"SELECT")
+        );
         assert_eq!(leading_tag(b"tag99 \xff\xfe\r\n"), Some("tag99"));
         assert_eq!(leading_tag(b"\x00junk"), None);
     }
@@ -381,16 +469,27 @@ mod tests {
     #[test]
     fn authenticate_with_and_without_initial_response() {
         assert_eq!(
-            command(b"a AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n").unwrap().command,
-            Command::Authenticate { mechanism: b"PLAIN", initial_response: Some(b"AGFsaWNlAHB3") }
+            command(b"a AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n")
+                .unwrap()
+                .command,
+            Command::Authenticate {
+                mechanism: b"PLAIN",
+                initial_response: Some(b"AGFsaWNlAHB3")
+            }
         );
         assert_eq!(
             command(b"a authenticate login\r\n").unwrap().command,
-            Command::Authenticate { mechanism: b"login", initial_response: None }
+            Command::Authenticate {
+                mechanism: b"login",
+                initial_response: None
+            }
         );
         assert_eq!(
             command(b"a AUTHENTICATE PLAIN =\r\n").unwrap().command,
-            Command::Authenticate { mechanism: b"PLAIN", initial_response: Some(b"=") }
+            Command::Authenticate {
+                mechanism: b"PLAIN",
+                initial_response: Some(b"=")
+            }
         );
     }
 
@@ -400,14 +499,21 @@ mod tests {
             response(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] Dovecot ready.\r\n"),
             Ok(Response::Untagged {
                 status: b"OK",
-                code: Some(Code::Capabilities(vec!["IMAP4rev1", "SASL-IR", "AUTH=XOAUTH2"]))
+                code: Some(Code::Capabilities(vec![
+                    "IMAP4rev1",
+                    "SASL-IR",
+                    "AUTH=XOAUTH2"
+                ]))
             })
         );
         assert_eq!(
             response(b"* CAPABILITY IMAP4rev1 IDLE\r\n"),
             Ok(Response::Capabilities(vec!["IMAP4rev1", "IDLE"]))
         );
-        assert_eq!(response(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"), Ok(Response::Continue(b"eyJzdGF0dXMiOiI0MDEifQ==")));
+        assert_eq!(
+            response(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+            Ok(Response::Continue(b"eyJzdGF0dXMiOiI0MDEifQ=="))
+        );
         assert_eq!(response(b"+\r\n"), Ok(Response::Continue(b"")));
         assert_eq!(
             response(b"m3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
@@ -420,9 +526,14 @@ mod tests {
         );
         assert_eq!(
             response(b"m3 OK Logged in\r\n"),
-            Ok(Response::Tagged { tag: "m3", status: Status::Ok, code: None, text: b"Logged in" })
+            Ok(Response::Tagged {
+                tag: "m3",
+                status: Status::Ok,
+                code: None,
+                text: b"Logged in"
+            })
         );
-        assert_eq!(response(b"garbage\r\n"), Err(()));
+        assert_eq!(response(b"garbage\r\n"), Err(ParseError));
         assert_eq!(after_first_space(b"+ abc"), b"abc");
     }
 }

@@ -26,11 +26,16 @@ pub struct Options {
 enum State {
     NotAuthenticated,
     /// An AUTHENTICATE exchange waits for the client's next line.
-    Sasl { tag: String, step: SaslStep },
+    Sasl {
+        tag: String,
+        step: SaslStep,
+    },
     /// STARTTLS was accepted; waiting for the driver's handshake.
     StartingTls,
     /// Credentials went to the driver; waiting for the login's outcome.
-    AwaitingLogin { tag: String },
+    AwaitingLogin {
+        tag: String,
+    },
     Relaying,
     Closed,
 }
@@ -105,7 +110,8 @@ impl Session {
 
     /// The upstream login succeeded with these capabilities.
     pub fn login_succeeded<S: AsRef<str>>(&mut self, upstream_capabilities: &[S]) {
-        let State::AwaitingLogin { tag } = std::mem::replace(&mut self.state, State::Relaying) else {
+        let State::AwaitingLogin { tag } = std::mem::replace(&mut self.state, State::Relaying)
+        else {
             return;
         };
         let caps = capability::after_login(upstream_capabilities);
@@ -124,9 +130,10 @@ impl Session {
         };
         let (code, text) = match failure {
             LoginFailure::BadCredentials => ("AUTHENTICATIONFAILED", "Authentication failed"),
-            LoginFailure::Unavailable => {
-                ("UNAVAILABLE", "Upstream mail service unavailable, try again later")
-            }
+            LoginFailure::Unavailable => (
+                "UNAVAILABLE",
+                "Upstream mail service unavailable, try again later",
+            ),
             LoginFailure::NeedsAuthorization => (
                 "UNAVAILABLE",
                 "This account must be authorized again by the mailgate administrator",
@@ -148,7 +155,10 @@ impl Session {
     }
 
     fn capabilities(&self) -> Vec<&'static str> {
-        capability::before_login(self.secure(), self.options.starttls && !self.options.tls_active)
+        capability::before_login(
+            self.secure(),
+            self.options.starttls && !self.options.tls_active,
+        )
     }
 
     fn send(&mut self, bytes: Bytes) {
@@ -173,16 +183,23 @@ impl Session {
             return false;
         };
         match frame {
-            Frame::Complete(line) => match std::mem::replace(&mut self.state, State::NotAuthenticated) {
-                State::Sasl { tag, step } => self.sasl_line(tag, step, &line),
-                _ => self.command(&line),
-            },
+            Frame::Complete(line) => {
+                match std::mem::replace(&mut self.state, State::NotAuthenticated) {
+                    State::Sasl { tag, step } => self.sasl_line(tag, step, &line),
+                    _ => self.command(&line),
+                }
+            }
             Frame::LiteralAnnounced => self.send(encode::continuation("Ready for literal data")),
             Frame::TooLong { head } => {
-                let tag = self.abandon_sasl().or_else(|| parse::leading_tag(&head).map(str::to_owned));
+                let tag = self
+                    .abandon_sasl()
+                    .or_else(|| parse::leading_tag(&head).map(str::to_owned));
                 self.send(encode::bad(tag.as_deref(), "Line too long"));
             }
-            Frame::LiteralTooLarge { head, synchronizing } => {
+            Frame::LiteralTooLarge {
+                head,
+                synchronizing,
+            } => {
                 if synchronizing {
                     let tag = parse::leading_tag(&head).map(str::to_owned);
                     self.send(encode::bad(tag.as_deref(), "Literal too large"));
@@ -246,7 +263,10 @@ impl Session {
                 }
                 match sasl::username(&username) {
                     Ok(username) => {
-                        let credentials = Credentials { username, password: Secret::new(password) };
+                        let credentials = Credentials {
+                            username,
+                            password: Secret::new(password),
+                        };
                         self.authenticate(tag.to_owned(), credentials);
                     }
                     Err(_) => self.send(encode::tagged(
@@ -257,7 +277,10 @@ impl Session {
                     )),
                 }
             }
-            Command::Authenticate { mechanism, initial_response } => {
+            Command::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
                 if !self.secure() {
                     self.refuse_cleartext(tag);
                     return;
@@ -268,7 +291,10 @@ impl Session {
                         Some(ir) => self.sasl_line(tag, SaslStep::Plain, ir),
                         None => {
                             self.send(encode::continuation(""));
-                            self.state = State::Sasl { tag, step: SaslStep::Plain };
+                            self.state = State::Sasl {
+                                tag,
+                                step: SaslStep::Plain,
+                            };
                         }
                     }
                 } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
@@ -276,21 +302,39 @@ impl Session {
                         Some(ir) => self.sasl_line(tag, SaslStep::LoginUsername, ir),
                         None => {
                             self.send(encode::continuation(LOGIN_USERNAME_PROMPT));
-                            self.state = State::Sasl { tag, step: SaslStep::LoginUsername };
+                            self.state = State::Sasl {
+                                tag,
+                                step: SaslStep::LoginUsername,
+                            };
                         }
                     }
                 } else {
-                    self.send(encode::tagged(&tag, "NO", None, "Unsupported authentication mechanism"));
+                    self.send(encode::tagged(
+                        &tag,
+                        "NO",
+                        None,
+                        "Unsupported authentication mechanism",
+                    ));
                 }
             }
             Command::Other(_) => {
-                self.send(encode::tagged(tag, "BAD", None, "Command not valid before login"));
+                self.send(encode::tagged(
+                    tag,
+                    "BAD",
+                    None,
+                    "Command not valid before login",
+                ));
             }
         }
     }
 
     fn refuse_cleartext(&mut self, tag: &str) {
-        self.send(encode::tagged(tag, "NO", Some("PRIVACYREQUIRED"), "Use STARTTLS first"));
+        self.send(encode::tagged(
+            tag,
+            "NO",
+            Some("PRIVACYREQUIRED"),
+            "Use STARTTLS first",
+        ));
     }
 
     /// One client line of an AUTHENTICATE exchange (RFC 9051 §6.2.2).
@@ -298,7 +342,12 @@ impl Session {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line == b"*" {
-            self.send(encode::tagged(&tag, "BAD", None, "Authentication cancelled"));
+            self.send(encode::tagged(
+                &tag,
+                "BAD",
+                None,
+                "Authentication cancelled",
+            ));
             return;
         }
         let outcome = match step {
@@ -314,13 +363,21 @@ impl Session {
                     None
                 }),
             SaslStep::LoginPassword { username } => sasl::decode_base64(line).map(|password| {
-                Some(Credentials { username, password: Secret::new(password) })
+                Some(Credentials {
+                    username,
+                    password: Secret::new(password),
+                })
             }),
         };
         match outcome {
             Ok(Some(credentials)) => self.authenticate(tag, credentials),
             Ok(None) => {}
-            Err(e) => self.send(encode::tagged(&tag, "BAD", None, &format!("Invalid SASL response: {e}"))),
+            Err(e) => self.send(encode::tagged(
+                &tag,
+                "BAD",
+                None,
+                &format!("Invalid SASL response: {e}"),
+            )),
         }
     }
 

@@ -8,7 +8,9 @@ use bytes::{Bytes, BytesMut};
 use super::capability;
 use super::parse::{self, Code, Response, Status};
 use crate::proto::sasl;
-use crate::proto::{Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls};
+use crate::proto::{
+    Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,14 +21,20 @@ enum State {
     Capability,
     /// `AUTHENTICATE XOAUTH2` sent. `responded`: our base64 went out.
     /// `challenge`: the provider's error challenge, once seen.
-    Authenticate { responded: bool, challenge: Option<Option<u16>> },
+    Authenticate {
+        responded: bool,
+        challenge: Option<Option<u16>>,
+    },
     PostLoginCapability,
     Done,
 }
 
 /// Upstream lines are longer than client lines (capability lists, ID
 /// answers), but before login nothing legitimate comes near 64 KiB.
-const UPSTREAM_LIMITS: FrameLimits = FrameLimits { max_line: 64 * 1024, max_literal: 0 };
+const UPSTREAM_LIMITS: FrameLimits = FrameLimits {
+    max_line: 64 * 1024,
+    max_literal: 0,
+};
 
 /// Logs in at an IMAP upstream with XOAUTH2. Fed upstream bytes, yields
 /// [`UpstreamAction`]s until `LoggedIn` or `Failed`.
@@ -61,7 +69,9 @@ impl Upstream {
             State::Done => {}
             // The driver hands the socket to the TLS handshake after
             // `StartTls`; plaintext now would be injected (RFC 2595 §3.1).
-            State::StartingTls if !bytes.is_empty() => self.fail("upstream sent data after STARTTLS"),
+            State::StartingTls if !bytes.is_empty() => {
+                self.fail("upstream sent data after STARTTLS")
+            }
             _ => self.input.extend_from_slice(bytes),
         }
     }
@@ -98,7 +108,9 @@ impl Upstream {
     }
 
     fn fail(&mut self, why: &str) {
-        self.finish(UpstreamAction::Failed(UpstreamFailure::Protocol(why.to_owned())));
+        self.finish(UpstreamAction::Failed(UpstreamFailure::Protocol(
+            why.to_owned(),
+        )));
     }
 
     fn finish(&mut self, action: UpstreamAction) {
@@ -111,8 +123,8 @@ impl Upstream {
             Ok(r) => r,
             // Untagged data we don't need (ID answers, odd servers) is not
             // a reason to fail a login.
-            Err(()) if line.starts_with(b"* ") => return,
-            Err(()) => return self.fail("upstream sent an unparseable response"),
+            Err(_) if line.starts_with(b"* ") => return,
+            Err(_) => return self.fail("upstream sent an unparseable response"),
         };
         match (self.state, response) {
             (_, Response::Untagged { status, .. }) if status.eq_ignore_ascii_case(b"BYE") => {
@@ -135,7 +147,12 @@ impl Upstream {
                     self.authenticate();
                 }
             }
-            (State::StartTls, Response::Tagged { tag: "m1", status, .. }) => {
+            (
+                State::StartTls,
+                Response::Tagged {
+                    tag: "m1", status, ..
+                },
+            ) => {
                 if status != Status::Ok {
                     return self.fail("upstream refused STARTTLS");
                 }
@@ -147,34 +164,66 @@ impl Upstream {
                 self.actions.push_back(UpstreamAction::StartTls);
                 self.state = State::StartingTls;
             }
-            (State::Capability | State::PostLoginCapability | State::Authenticate { .. }, Response::Capabilities(caps)) => {
+            (
+                State::Capability | State::PostLoginCapability | State::Authenticate { .. },
+                Response::Capabilities(caps),
+            ) => {
                 self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
             }
-            (State::Capability, Response::Tagged { tag: "m2", status, .. }) => {
+            (
+                State::Capability,
+                Response::Tagged {
+                    tag: "m2", status, ..
+                },
+            ) => {
                 if status != Status::Ok {
                     return self.fail("upstream refused CAPABILITY");
                 }
                 self.authenticate();
             }
-            (State::Authenticate { responded, challenge }, Response::Continue(text)) => {
+            (
+                State::Authenticate {
+                    responded,
+                    challenge,
+                },
+                Response::Continue(text),
+            ) => {
                 if !responded {
                     let mut bytes = BytesMut::from(self.response.expose().as_bytes());
                     bytes.extend_from_slice(b"\r\n");
                     self.send(bytes.freeze());
-                    self.state = State::Authenticate { responded: true, challenge };
+                    self.state = State::Authenticate {
+                        responded: true,
+                        challenge,
+                    };
                 } else {
                     // The provider's error challenge. Answer with an empty
                     // line to get the tagged NO (Google's XOAUTH2 protocol).
                     let status = sasl::xoauth2_error_status(text);
                     self.send(Bytes::from_static(b"\r\n"));
-                    self.state = State::Authenticate { responded, challenge: Some(status) };
+                    self.state = State::Authenticate {
+                        responded,
+                        challenge: Some(status),
+                    };
                 }
             }
-            (State::Authenticate { challenge, .. }, Response::Tagged { tag: "m3", status, code, .. }) => {
+            (
+                State::Authenticate { challenge, .. },
+                Response::Tagged {
+                    tag: "m3",
+                    status,
+                    code,
+                    ..
+                },
+            ) => {
                 if status != Status::Ok {
-                    let in_use = matches!(code, Some(Code::Other(c)) if c.eq_ignore_ascii_case(b"INUSE"));
+                    let in_use =
+                        matches!(code, Some(Code::Other(c)) if c.eq_ignore_ascii_case(b"INUSE"));
                     let status = challenge.flatten();
-                    return self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected { status, in_use }));
+                    return self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected {
+                        status,
+                        in_use,
+                    }));
                 }
                 match code {
                     Some(Code::Capabilities(caps)) => {
@@ -205,13 +254,19 @@ impl Upstream {
             "m3 AUTHENTICATE XOAUTH2\r\n".to_owned()
         };
         self.send(Bytes::from(command));
-        self.state = State::Authenticate { responded, challenge: None };
+        self.state = State::Authenticate {
+            responded,
+            challenge: None,
+        };
     }
 
     fn logged_in(&mut self) {
         let to_client = self.input.split().freeze();
         let capabilities = std::mem::take(&mut self.capabilities);
-        self.finish(UpstreamAction::LoggedIn { capabilities, to_client });
+        self.finish(UpstreamAction::LoggedIn {
+            capabilities,
+            to_client,
+        });
     }
 }
 
@@ -236,7 +291,10 @@ mod tests {
     }
 
     fn protocol_failure(actions: &[UpstreamAction]) -> bool {
-        matches!(actions.last(), Some(UpstreamAction::Failed(UpstreamFailure::Protocol(_))))
+        matches!(
+            actions.last(),
+            Some(UpstreamAction::Failed(UpstreamFailure::Protocol(_)))
+        )
     }
 
     /// Plaintext after the upstream's STARTTLS OK would be read as if it came

@@ -33,8 +33,13 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
 
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
-            let request = reqwest::Request::try_from(request).map_err(|e| HttpError::Transport(chain(&e)))?;
-            let response = self.0.execute(request).await.map_err(|e| HttpError::Transport(chain(&e)))?;
+            let request =
+                reqwest::Request::try_from(request).map_err(|e| HttpError::Transport(chain(&e)))?;
+            let response = self
+                .0
+                .execute(request)
+                .await
+                .map_err(|e| HttpError::Transport(chain(&e)))?;
             let status = response.status();
             if is_transient_status(status.as_u16()) {
                 return Err(HttpError::Status(status.as_u16()));
@@ -43,8 +48,13 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
             for (name, value) in response.headers() {
                 builder = builder.header(name, value);
             }
-            let body = response.bytes().await.map_err(|e| HttpError::Transport(chain(&e)))?;
-            builder.body(body.to_vec()).map_err(|e| HttpError::Transport(e.to_string()))
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| HttpError::Transport(chain(&e)))?;
+            builder
+                .body(body.to_vec())
+                .map_err(|e| HttpError::Transport(e.to_string()))
         })
     }
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenType};
-use oauth2::{ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse as _, TokenUrl};
+use oauth2::{
+    ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse as _, TokenUrl,
+};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -88,7 +90,11 @@ impl Tokens {
             http: TokenHttp(http),
             store: TokenStore::new(&config.state_dir),
             refresh_margin: config.oauth.refresh_margin,
-            accounts: config.accounts.keys().map(|name| (name.clone(), Mutex::default())).collect(),
+            accounts: config
+                .accounts
+                .keys()
+                .map(|name| (name.clone(), Mutex::default()))
+                .collect(),
         })
     }
 
@@ -98,7 +104,11 @@ impl Tokens {
     /// When no token can be had; see [`TokenError`].
     pub async fn access_token(&self, account: &Account) -> Result<Secret<String>, TokenError> {
         let mut state = self.lock(account).await?;
-        if let Some(cached) = state.access.as_ref().filter(|c| c.use_until > Instant::now()) {
+        if let Some(cached) = state
+            .access
+            .as_ref()
+            .filter(|c| c.use_until > Instant::now())
+        {
             return Ok(cached.token.clone());
         }
         self.fetch(account, &mut state).await
@@ -126,17 +136,27 @@ impl Tokens {
         }
     }
 
-    async fn lock(&self, account: &Account) -> Result<tokio::sync::MutexGuard<'_, AccountState>, TokenError> {
+    async fn lock(
+        &self,
+        account: &Account,
+    ) -> Result<tokio::sync::MutexGuard<'_, AccountState>, TokenError> {
         let Some(mutex) = self.accounts.get(&account.name) else {
-            return Err(TokenError::NeedsAuthorization(format!("unknown account {}", account.name)));
+            return Err(TokenError::NeedsAuthorization(format!(
+                "unknown account {}",
+                account.name
+            )));
         };
         let mut state = mutex.lock().await;
         if !state.loaded {
             let record = self.store.load(&account.name)?.unwrap_or_default();
-            state.refresh = record.refresh_token.map(Secret::new).or_else(|| account.refresh_token.clone());
+            state.refresh = record
+                .refresh_token
+                .map(Secret::new)
+                .or_else(|| account.refresh_token.clone());
             if let Some(token) = record.access_token {
                 let now = unix_now();
-                let lifetime = Duration::from_secs(record.expires_at.saturating_sub(record.obtained_at));
+                let lifetime =
+                    Duration::from_secs(record.expires_at.saturating_sub(record.obtained_at));
                 let usable_until = record.obtained_at + self.usable(lifetime).as_secs();
                 if usable_until > now {
                     state.access = Some(Cached {
@@ -153,20 +173,25 @@ impl Tokens {
     /// How long a token of `lifetime` is handed out: until `refresh_margin`
     /// before it expires, or half its life when it is shorter than that.
     fn usable(&self, lifetime: Duration) -> Duration {
-        lifetime.checked_sub(self.refresh_margin).unwrap_or(lifetime / 2)
+        lifetime
+            .checked_sub(self.refresh_margin)
+            .unwrap_or(lifetime / 2)
     }
 
-    async fn fetch(&self, account: &Account, state: &mut AccountState) -> Result<Secret<String>, TokenError> {
+    async fn fetch(
+        &self,
+        account: &Account,
+        state: &mut AccountState,
+    ) -> Result<Secret<String>, TokenError> {
         let integration = &account.integration;
         let client = oauth_client(integration);
         let scopes = integration.scopes.iter().map(|s| Scope::new(s.clone()));
         let started = Instant::now();
         let response = match account.grant {
             Grant::AuthorizationCode => {
-                let refresh = state
-                    .refresh
-                    .clone()
-                    .ok_or_else(|| TokenError::NeedsAuthorization("no refresh token stored".into()))?;
+                let refresh = state.refresh.clone().ok_or_else(|| {
+                    TokenError::NeedsAuthorization("no refresh token stored".into())
+                })?;
                 let refresh_token = RefreshToken::new(refresh.expose().clone());
                 let mut request = client.exchange_refresh_token(&refresh_token);
                 // RFC 6749 §6 makes scope optional on refresh and servers
@@ -205,7 +230,10 @@ impl Tokens {
             expires_at: obtained_at + lifetime.as_secs(),
         };
         self.store.save(&account.name, &record)?;
-        state.access = Some(Cached { token: token.clone(), use_until: started + self.usable(lifetime) });
+        state.access = Some(Cached {
+            token: token.clone(),
+            use_until: started + self.usable(lifetime),
+        });
         tracing::info!(account = %account.name, lifetime_s = lifetime.as_secs(), "access token obtained");
         Ok(token)
     }
@@ -219,8 +247,13 @@ fn unix_now() -> u64 {
 
 fn oauth_client(
     integration: &Integration,
-) -> BasicClient<oauth2::EndpointNotSet, oauth2::EndpointNotSet, oauth2::EndpointNotSet, oauth2::EndpointNotSet, oauth2::EndpointSet>
-{
+) -> BasicClient<
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointSet,
+> {
     let client = BasicClient::new(ClientId::new(integration.client_id.clone()))
         .set_token_uri(TokenUrl::from_url(integration.token_endpoint.clone()));
     match &integration.client_secret {
@@ -241,14 +274,18 @@ fn classify(
                 None => code.to_string(),
             };
             match code {
-                BasicErrorResponseType::Extension(e) if e == "temporarily_unavailable" || e == "server_error" => {
+                BasicErrorResponseType::Extension(e)
+                    if e == "temporarily_unavailable" || e == "server_error" =>
+                {
                     TokenError::Transient(message)
                 }
                 _ => TokenError::NeedsAuthorization(message),
             }
         }
         RequestTokenError::Request(e) => TokenError::Transient(e.to_string()),
-        RequestTokenError::Parse(e, _) => TokenError::Transient(format!("unreadable token response: {e}")),
+        RequestTokenError::Parse(e, _) => {
+            TokenError::Transient(format!("unreadable token response: {e}"))
+        }
         RequestTokenError::Other(e) => TokenError::Transient(e),
     }
 }

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-
 /// A store failure, naming the file.
 #[derive(Debug, thiserror::Error)]
 #[error("token store {path}: {message}")]
@@ -38,8 +37,14 @@ pub struct Record {
 impl std::fmt::Debug for Record {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Record")
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
-            .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("obtained_at", &self.obtained_at)
             .field("expires_at", &self.expires_at)
             .finish()
@@ -55,7 +60,9 @@ pub struct TokenStore {
 impl TokenStore {
     /// A store under `state_dir`.
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("tokens") }
+        Self {
+            dir: state_dir.join("tokens"),
+        }
     }
 
     fn path(&self, account: &str) -> PathBuf {
@@ -72,10 +79,17 @@ impl TokenStore {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError { path, message: e.to_string() }),
+            Err(e) => {
+                return Err(StoreError {
+                    path,
+                    message: e.to_string(),
+                })
+            }
         };
-        let record: Record = serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError { path, message: format!("unreadable ({e})") })?;
+        let record: Record = serde_json::from_slice(&bytes).map_err(|e| StoreError {
+            path,
+            message: format!("unreadable ({e})"),
+        })?;
         Ok(Some(record))
     }
 
@@ -85,7 +99,10 @@ impl TokenStore {
     /// When the directory or file can't be written; the old file is kept.
     pub fn save(&self, account: &str, record: &Record) -> Result<(), StoreError> {
         let path = self.path(account);
-        let fail = |message: String| StoreError { path: path.clone(), message };
+        let fail = |message: String| StoreError {
+            path: path.clone(),
+            message,
+        };
         std::fs::create_dir_all(&self.dir).map_err(|e| fail(e.to_string()))?;
         let tmp = self.dir.join(format!(".{account}.json.tmp"));
         let json = serde_json::to_vec(record).map_err(|e| fail(e.to_string()))?;
@@ -117,7 +134,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
         assert!(store.load("jira").unwrap().is_none());
-        let record = |rt: &str| Record { refresh_token: Some(rt.into()), ..Record::default() };
+        let record = |rt: &str| Record {
+            refresh_token: Some(rt.into()),
+            ..Record::default()
+        };
         store.save("jira", &record("rt-1")).unwrap();
         store.save("jira", &record("rt-2")).unwrap();
         let loaded = store.load("jira").unwrap().unwrap();
@@ -125,7 +145,10 @@ mod tests {
         assert!(!format!("{loaded:?}").contains("rt-2"));
         let path = dir.path().join("tokens/jira.json");
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         std::fs::write(&path, b"{garbage").unwrap();
         let err = store.load("jira").unwrap_err();
         assert!(err.to_string().contains("jira.json"), "{err}");

@@ -170,9 +170,9 @@ fn literal_marker(line: &[u8]) -> Option<(usize, bool)> {
     if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n = digits
-        .iter()
-        .try_fold(0usize, |n, d| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))?;
+    let n = digits.iter().try_fold(0usize, |n, d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })?;
     Some((n, synchronizing))
 }
 
@@ -209,7 +209,9 @@ mod tests {
                 vec![
                     Frame::Complete(BytesMut::from(&b"a1 NOOP\r\n"[..])),
                     Frame::LiteralAnnounced,
-                    Frame::Complete(BytesMut::from(&b"a2 LOGIN {5}\r\nalice {3+}\r\npw!\r\n"[..])),
+                    Frame::Complete(BytesMut::from(
+                        &b"a2 LOGIN {5}\r\nalice {3+}\r\npw!\r\n"[..]
+                    )),
                     Frame::Complete(BytesMut::from(&b"a3 LOGOUT\n"[..])),
                 ],
                 "chunk {chunk}"
@@ -220,7 +222,10 @@ mod tests {
     #[test]
     fn literal_markers_are_ignored_without_literals() {
         let got = frames(b"x {5}\r\n", 64, false, FrameLimits::default());
-        assert_eq!(got, vec![Frame::Complete(BytesMut::from(&b"x {5}\r\n"[..]))]);
+        assert_eq!(
+            got,
+            vec![Frame::Complete(BytesMut::from(&b"x {5}\r\n"[..]))]
+        );
     }
 
     #[test]
@@ -249,7 +254,10 @@ mod tests {
         let got = frames(b"t LOGIN {9999999}\r\n", 64, true, limits);
         assert!(matches!(
             &got[..],
-            [Frame::LiteralTooLarge { synchronizing: true, .. }]
+            [Frame::LiteralTooLarge {
+                synchronizing: true,
+                ..
+            }]
         ));
         let got = frames(b"t LOGIN {99999999999999999999+}\r\n", 64, true, limits);
         // An unparseable count is not a literal: the line is a plain command.

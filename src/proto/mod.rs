@@ -125,7 +125,10 @@ impl std::fmt::Debug for UpstreamAction {
         match self {
             Self::Send(bytes) => write!(f, "Send(<{} bytes>)", bytes.len()),
             Self::StartTls => f.write_str("StartTls"),
-            Self::LoggedIn { capabilities, to_client } => f
+            Self::LoggedIn {
+                capabilities,
+                to_client,
+            } => f
                 .debug_struct("LoggedIn")
                 .field("capabilities", capabilities)
                 .field("to_client", &to_client.len())

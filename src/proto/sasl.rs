@@ -38,7 +38,8 @@ pub fn decode_base64(line: &[u8]) -> Result<Vec<u8>, SaslError> {
 pub fn decode_plain(line: &[u8]) -> Result<Credentials, SaslError> {
     let message = decode_base64(line)?;
     let mut parts = message.splitn(3, |&b| b == 0);
-    let (Some(_authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next())
+    let (Some(_authzid), Some(authcid), Some(password)) =
+        (parts.next(), parts.next(), parts.next())
     else {
         return Err(SaslError::Plain);
     };
@@ -113,7 +114,10 @@ mod tests {
 
     #[test]
     fn xoauth2_encodes_the_documented_format() {
-        let r = xoauth2("someuser@example.com", &Secret::new("ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg".into()));
+        let r = xoauth2(
+            "someuser@example.com",
+            &Secret::new("ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg".into()),
+        );
         // The example from Google's XOAUTH2 protocol documentation.
         assert_eq!(
             r.expose(),
@@ -124,9 +128,15 @@ mod tests {
     #[test]
     fn xoauth2_error_status_known_answers() {
         let cases: [(&str, Option<u16>); 6] = [
-            (r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#, Some(401)),
+            (
+                r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#,
+                Some(401),
+            ),
             (r#"{"status":400}"#, Some(400)),
-            (r#"{"status":"invalid_token","schemes":"bearer"}"#, Some(401)),
+            (
+                r#"{"status":"invalid_token","schemes":"bearer"}"#,
+                Some(401),
+            ),
             (r#"{"status":"500"}"#, Some(500)),
             (r#"{"schemes":"bearer"}"#, None),
             ("not json", None),

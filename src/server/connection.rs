@@ -36,7 +36,13 @@ enum Closed {
 }
 
 /// Serves one accepted connection on a listener.
-pub async fn serve(gateway: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, protocol: Protocol, tls: ListenerTls) {
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    tls: ListenerTls,
+) {
     let span = tracing::info_span!("conn", %peer, ?protocol);
     async move {
         let started = Instant::now();
@@ -147,7 +153,12 @@ async fn handshake(
     gateway: &Gateway,
     tcp: TcpStream,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Closed> {
-    match timeout(gateway.limits().tls_handshake_timeout, gateway.acceptor().accept(tcp)).await {
+    match timeout(
+        gateway.limits().tls_handshake_timeout,
+        gateway.acceptor().accept(tcp),
+    )
+    .await
+    {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => Err(Closed::Handshake(e)),
         Err(_) => Err(Closed::HandshakeTimeout),
@@ -161,7 +172,11 @@ async fn relay(
     logged_in: LoggedIn,
     to_upstream: &[u8],
 ) -> Result<Relayed, Closed> {
-    let LoggedIn { stream: mut upstream, to_client, .. } = logged_in;
+    let LoggedIn {
+        stream: mut upstream,
+        to_client,
+        ..
+    } = logged_in;
     if !to_client.is_empty() {
         client.write_all(&to_client).await?;
         client.flush().await?;

@@ -40,7 +40,13 @@ impl Gateway {
         acceptor: TlsAcceptor,
         connectors: HashMap<Option<PathBuf>, TlsConnector>,
     ) -> Self {
-        Self { config, accounts, tokens, acceptor, connectors }
+        Self {
+            config,
+            accounts,
+            tokens,
+            acceptor,
+            connectors,
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -48,7 +54,10 @@ impl Gateway {
     }
 
     fn frame_limits(&self) -> FrameLimits {
-        FrameLimits { max_line: self.config.limits.max_line, max_literal: self.config.limits.max_literal }
+        FrameLimits {
+            max_line: self.config.limits.max_line,
+            max_literal: self.config.limits.max_literal,
+        }
     }
 
     fn acceptor(&self) -> &TlsAcceptor {
@@ -60,16 +69,25 @@ impl Gateway {
     async fn login(&self, credentials: &Credentials) -> Result<(String, LoggedIn), LoginFailure> {
         let account = self.verify(credentials).await?;
         let login = async {
-            let token = self.tokens.access_token(&account).await.map_err(|e| token_failure(&account, e))?;
+            let token = self
+                .tokens
+                .access_token(&account)
+                .await
+                .map_err(|e| token_failure(&account, e))?;
             match self.upstream_login(&account, &token).await {
-                Err(UpstreamError::Rejected { status: Some(400 | 401), .. }) => {
+                Err(UpstreamError::Rejected {
+                    status: Some(400 | 401),
+                    ..
+                }) => {
                     info!(account = %account.name, "upstream rejected the token; getting a fresh one");
                     let token = self
                         .tokens
                         .replace_rejected(&account, &token)
                         .await
                         .map_err(|e| token_failure(&account, e))?;
-                    self.upstream_login(&account, &token).await.map_err(|e| upstream_failure(&account, e))
+                    self.upstream_login(&account, &token)
+                        .await
+                        .map_err(|e| upstream_failure(&account, e))
                 }
                 other => other.map_err(|e| upstream_failure(&account, e)),
             }
@@ -95,16 +113,23 @@ impl Gateway {
         }
     }
 
-    async fn upstream_login(&self, account: &Account, token: &Secret<String>) -> Result<LoggedIn, UpstreamError> {
+    async fn upstream_login(
+        &self,
+        account: &Account,
+        token: &Secret<String>,
+    ) -> Result<LoggedIn, UpstreamError> {
         let server = &account.imap;
         let connector = self
             .connectors
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
         let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
-        tokio::time::timeout(self.config.limits.upstream_timeout, upstream::login(server, connector, login))
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout))
+        tokio::time::timeout(
+            self.config.limits.upstream_timeout,
+            upstream::login(server, connector, login),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout))
     }
 }
 
@@ -153,13 +178,20 @@ pub async fn bind(config: &Config) -> std::io::Result<Vec<Bound>> {
         let listener = TcpListener::bind(l.address)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("bind {}: {e}", l.address)))?;
-        bound.push(Bound { listener, config: l.clone() });
+        bound.push(Bound {
+            listener,
+            config: l.clone(),
+        });
     }
     Ok(bound)
 }
 
 /// Accepts connections on `bound` until `shutdown` fires.
-pub async fn accept_loop(gateway: Arc<Gateway>, bound: Bound, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn accept_loop(
+    gateway: Arc<Gateway>,
+    bound: Bound,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let Bound { listener, config } = bound;
     loop {
         tokio::select! {

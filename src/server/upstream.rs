@@ -63,15 +63,22 @@ pub async fn login<L: UpstreamLogin>(
     mut login: L,
 ) -> Result<LoggedIn, UpstreamError> {
     let address = format!("{}:{}", server.host, server.port);
-    let name = ServerName::try_from(server.host.clone())
-        .map_err(|e| UpstreamError::Connect(address.clone(), io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let name = ServerName::try_from(server.host.clone()).map_err(|e| {
+        UpstreamError::Connect(
+            address.clone(),
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
     let tcp = TcpStream::connect((server.host.as_str(), server.port))
         .await
         .map_err(|e| UpstreamError::Connect(address.clone(), e))?;
     tcp.set_nodelay(true)?;
     let mut stream: UpstreamStream = match server.tls {
         UpstreamTls::Implicit => Stream::Tls(Box::new(
-            connector.connect(name.clone(), tcp).await.map_err(|e| UpstreamError::Tls(address.clone(), e))?,
+            connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| UpstreamError::Tls(address.clone(), e))?,
         )),
         UpstreamTls::StartTls => Stream::Plain(tcp),
     };
@@ -84,13 +91,25 @@ pub async fn login<L: UpstreamLogin>(
                     stream.flush().await?;
                 }
                 UpstreamAction::StartTls => {
-                    let tcp = stream.into_plain().ok_or_else(|| UpstreamError::Protocol("STARTTLS twice".into()))?;
-                    let tls = connector.connect(name.clone(), tcp).await.map_err(|e| UpstreamError::Tls(address.clone(), e))?;
+                    let tcp = stream
+                        .into_plain()
+                        .ok_or_else(|| UpstreamError::Protocol("STARTTLS twice".into()))?;
+                    let tls = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| UpstreamError::Tls(address.clone(), e))?;
                     stream = Stream::Tls(Box::new(tls));
                     login.tls_established();
                 }
-                UpstreamAction::LoggedIn { capabilities, to_client } => {
-                    return Ok(LoggedIn { stream, capabilities, to_client });
+                UpstreamAction::LoggedIn {
+                    capabilities,
+                    to_client,
+                } => {
+                    return Ok(LoggedIn {
+                        stream,
+                        capabilities,
+                        to_client,
+                    });
                 }
                 UpstreamAction::Failed(failure) => return Err(failure.into()),
             }

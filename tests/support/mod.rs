@@ -1,7 +1,7 @@
 //! Shared test support: the harness (a real Dovecot and a real OAuth
 //! server, started by `tests/harness/start`), an in-process gateway on
 //! port 0, and a small raw IMAP client over real TLS.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,9 +39,15 @@ pub struct OAuthClient {
 }
 
 /// Tokens live an hour.
-pub const CLIENT: OAuthClient = OAuthClient { id: "mailgate-test", secret: "mailgate-test-secret" };
+pub const CLIENT: OAuthClient = OAuthClient {
+    id: "mailgate-test",
+    secret: "mailgate-test-secret",
+};
 /// Access tokens live 5 seconds.
-pub const SHORT_CLIENT: OAuthClient = OAuthClient { id: "mailgate-short", secret: "mailgate-short-secret" };
+pub const SHORT_CLIENT: OAuthClient = OAuthClient {
+    id: "mailgate-short",
+    secret: "mailgate-short-secret",
+};
 
 /// The harness, from `MG_HARNESS` (the path of `harness.json`).
 pub fn harness() -> &'static Harness {
@@ -56,7 +62,9 @@ pub fn harness() -> &'static Harness {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/harness")
+        .join(name)
 }
 
 /// Tokens from the authorization-code flow.
@@ -78,13 +86,21 @@ impl Harness {
             .arg("--scope=openid offline_access mail")
             .output()
             .expect("run authorize.py");
-        assert!(out.status.success(), "authorize.py: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "authorize.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("token response")
     }
 
     /// Gives `user` a Maildir holding every seed message.
     pub fn seed(&self, user: &str) {
-        let status = Command::new(script("seed")).arg(&self.harness_dir).arg(user).status().expect("run seed");
+        let status = Command::new(script("seed"))
+            .arg(&self.harness_dir)
+            .arg(user)
+            .status()
+            .expect("run seed");
         assert!(status.success(), "seed {user}");
     }
 
@@ -96,7 +112,10 @@ impl Harness {
             .filter(|p| p.extension().is_some_and(|e| e == "eml"))
             .collect();
         paths.sort();
-        paths.iter().map(|p| std::fs::read(p).expect("seed message")).collect()
+        paths
+            .iter()
+            .map(|p| std::fs::read(p).expect("seed message"))
+            .collect()
     }
 
     /// Files in `user`'s Maildir (cur and new).
@@ -104,15 +123,22 @@ impl Harness {
         ["cur", "new"]
             .iter()
             .map(|d| {
-                std::fs::read_dir(self.harness_dir.join("mail").join(user).join("Maildir").join(d))
-                    .map(|r| r.count())
-                    .unwrap_or(0)
+                std::fs::read_dir(
+                    self.harness_dir
+                        .join("mail")
+                        .join(user)
+                        .join("Maildir")
+                        .join(d),
+                )
+                .map(|r| r.count())
+                .unwrap_or(0)
             })
             .sum()
     }
 
     /// Revokes a token at the OAuth server (RFC 7009).
     pub async fn revoke(&self, client: OAuthClient, token: &str, hint: &str) {
+        mailgate::tls::install_default_provider();
         let response = reqwest::Client::new()
             .post(&self.oauth_revocation_url)
             .basic_auth(client.id, Some(client.secret))
@@ -120,7 +146,11 @@ impl Harness {
             .send()
             .await
             .expect("revocation request");
-        assert!(response.status().is_success(), "revocation: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "revocation: {}",
+            response.status()
+        );
     }
 }
 
@@ -160,11 +190,17 @@ impl Account {
 
 /// The argon2id hash of a password, computed once per password.
 pub fn password_hash(password: &str) -> String {
-    static HASHES: OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> = OnceLock::new();
+    static HASHES: OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        OnceLock::new();
     let map = HASHES.get_or_init(Default::default);
     let mut map = map.lock().unwrap();
     map.entry(password.to_owned())
-        .or_insert_with(|| mailgate::account::hash_password(password.as_bytes()).unwrap().expose().clone())
+        .or_insert_with(|| {
+            mailgate::account::hash_password(password.as_bytes())
+                .unwrap()
+                .expose()
+                .clone()
+        })
         .clone()
 }
 
@@ -187,23 +223,55 @@ impl Gateway {
     /// `account`, as `mailgate authorize` leaves it.
     pub async fn start_with_store(accounts: &[Account], account: &str, grant: &Grant) -> Self {
         let state = tempfile::tempdir().unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let record = mailgate::oauth::Record {
             refresh_token: Some(grant.refresh_token.clone()).filter(|t| !t.is_empty()),
             access_token: Some(grant.access_token.clone()),
             obtained_at: now,
             expires_at: now + 3600,
         };
-        mailgate::oauth::TokenStore::new(state.path()).save(account, &record).unwrap();
-        Self::start_in(state, accounts, "").await
+        mailgate::oauth::TokenStore::new(state.path())
+            .save(account, &record)
+            .unwrap();
+        Self::start_in(state, accounts, "", "10ms", true).await
     }
 
-    /// Starts a gateway; `extra` is appended to the generated TOML.
-    pub async fn start_with(accounts: &[Account], extra: &str) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), accounts, extra).await
+    /// Starts a gateway; `oauth` lines go into its `[oauth]` table.
+    pub async fn start_with(accounts: &[Account], oauth: &str) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), accounts, oauth, "10ms", true).await
     }
 
-    async fn start_in(state: tempfile::TempDir, accounts: &[Account], extra: &str) -> Self {
+    /// Starts a gateway whose failed logins wait `delay`.
+    pub async fn start_with_delay(accounts: &[Account], delay: &str) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), accounts, "", delay, true).await
+    }
+
+    /// Starts a gateway that trusts the harness CA for upstreams, or not.
+    pub async fn start_with_trust(
+        accounts: &[Account],
+        oauth: &str,
+        trust_harness_ca: bool,
+    ) -> Self {
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            accounts,
+            oauth,
+            "10ms",
+            trust_harness_ca,
+        )
+        .await
+    }
+
+    async fn start_in(
+        state: tempfile::TempDir,
+        accounts: &[Account],
+        oauth: &str,
+        failure_delay: &str,
+        trust_harness_ca: bool,
+    ) -> Self {
         let h = harness();
         let mut toml = format!(
             r#"
@@ -220,9 +288,10 @@ protocol = "imap"
 address = "127.0.0.1:0"
 tls = "starttls"
 [limits]
-login_failure_delay = "10ms"
+login_failure_delay = "{failure_delay}"
 [oauth]
 allow_insecure_loopback_http = true
+{oauth}
 "#,
             state = state.path().display(),
             dir = h.harness_dir.display(),
@@ -246,7 +315,7 @@ grant = "{grant}"
 [accounts.{name}.imap]
 address = "{upstream}"
 tls = "{upstream_tls}"
-ca_file = "{ca}"
+{ca}
 "#,
                 name = a.name,
                 id = a.client.id,
@@ -256,24 +325,43 @@ ca_file = "{ca}"
                 hash = password_hash(a.password),
                 mailbox = a.mailbox,
                 grant = a.grant,
-                refresh = a.refresh_token.as_ref().map(|t| format!("refresh_token = \"{t}\"")).unwrap_or_default(),
+                refresh = a
+                    .refresh_token
+                    .as_ref()
+                    .map(|t| format!("refresh_token = \"{t}\""))
+                    .unwrap_or_default(),
                 upstream = a.upstream.0,
                 upstream_tls = a.upstream.1,
-                ca = h.ca_file.display(),
+                ca = if trust_harness_ca {
+                    format!("ca_file = \"{}\"", h.ca_file.display())
+                } else {
+                    String::new()
+                },
             ));
         }
-        toml.push_str(extra);
         let config = mailgate::config::Config::from_figment(
-            figment::Figment::new().merge(<figment::providers::Toml as figment::providers::Format>::string(&toml)),
+            figment::Figment::new()
+                .merge(<figment::providers::Toml as figment::providers::Format>::string(&toml)),
         )
         .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let running = mailgate::app::start(config).await.expect("gateway starts");
-        Self { imaps: running.addresses[0], imap: running.addresses[1], state, running: Some(running) }
+        Self {
+            imaps: running.addresses[0],
+            imap: running.addresses[1],
+            state,
+            running: Some(running),
+        }
     }
 
     /// The stored refresh token of an account.
     pub fn stored_refresh_token(&self, account: &str) -> Option<String> {
-        let text = std::fs::read_to_string(self.state.path().join("tokens").join(format!("{account}.json"))).ok()?;
+        let text = std::fs::read_to_string(
+            self.state
+                .path()
+                .join("tokens")
+                .join(format!("{account}.json")),
+        )
+        .ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v["refresh_token"].as_str().map(str::to_owned)
     }
@@ -307,7 +395,11 @@ impl RawImap {
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .expect("tls handshake with the gateway");
-        let mut c = Self { stream: Some(tls), plain: None, buf: BytesMut::new() };
+        let mut c = Self {
+            stream: Some(tls),
+            plain: None,
+            buf: BytesMut::new(),
+        };
         let greeting = c.line().await;
         (c, greeting)
     }
@@ -315,7 +407,11 @@ impl RawImap {
     /// Connects without TLS (for STARTTLS) and reads the greeting.
     pub async fn connect_plain(addr: SocketAddr) -> (Self, String) {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut c = Self { stream: None, plain: Some(tcp), buf: BytesMut::new() };
+        let mut c = Self {
+            stream: None,
+            plain: Some(tcp),
+            buf: BytesMut::new(),
+        };
         let greeting = c.line().await;
         (c, greeting)
     }
@@ -351,7 +447,9 @@ impl RawImap {
         loop {
             if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
                 let line = self.buf.split_to(i + 1);
-                return String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
+                return String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned();
             }
             if self.fill().await == 0 {
                 return String::new();

@@ -1,0 +1,74 @@
+//! The listener certificate: without PEM files, a self-signed certificate
+//! is made once, kept in the state directory, and its fingerprint logged.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs,
+    clippy::result_large_err
+)] // tests may panic
+
+use std::process::{Command, Stdio};
+
+use figment::providers::{Format as _, Toml};
+use mailgate::config::Config;
+
+fn config(state: &std::path::Path) -> Config {
+    let toml = format!(
+        "state_dir = \"{}\"\n[[listeners]]\nprotocol = \"imap\"\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n",
+        state.display()
+    );
+    Config::from_figment(figment::Figment::new().merge(Toml::string(&toml))).unwrap()
+}
+
+/// The SHA-256 fingerprint of the certificate a TLS server presents, as
+/// OpenSSL's command-line client reports it.
+fn served_fingerprint(addr: std::net::SocketAddr) -> String {
+    let mut s_client = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(s_client.stdout.take().unwrap())
+        .output()
+        .expect("openssl x509");
+    s_client.wait().unwrap();
+    let out = String::from_utf8(x509.stdout).unwrap();
+    out.trim()
+        .rsplit_once('=')
+        .expect("fingerprint line")
+        .1
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_certificate_is_made_once_and_kept_across_restarts() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let state = tempfile::tempdir().unwrap();
+    let first = mailgate::app::start(config(state.path())).await.unwrap();
+    let addr = first.addresses[0];
+    let fingerprint = first.fingerprint.clone();
+    let served = tokio::task::spawn_blocking(move || served_fingerprint(addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        served, fingerprint,
+        "the logged fingerprint is the served certificate's"
+    );
+    first.stop().await;
+    let key = state.path().join("tls/self-signed.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let second = mailgate::app::start(config(state.path())).await.unwrap();
+    assert_eq!(
+        second.fingerprint, fingerprint,
+        "a restart keeps the certificate"
+    );
+    second.stop().await;
+}
