@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::parse::{self, Command};
 use super::{capability, encode};
-use crate::proto::sasl;
+use crate::proto::sasl::{self, Exchange, Mechanism, Step};
 use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
 use crate::secret::Secret;
 
@@ -28,7 +28,7 @@ enum State {
     /// An AUTHENTICATE exchange waits for the client's next line.
     Sasl {
         tag: String,
-        step: SaslStep,
+        exchange: Exchange,
     },
     /// STARTTLS was accepted; waiting for the driver's handshake.
     StartingTls,
@@ -39,17 +39,6 @@ enum State {
     Relaying,
     Closed,
 }
-
-#[derive(Debug)]
-enum SaslStep {
-    Plain,
-    LoginUsername,
-    LoginPassword { username: String },
-}
-
-/// base64 of `Username:` and `Password:`, the customary AUTH LOGIN prompts.
-const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
-const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
 
 /// The client side of one IMAP connection, until it is spliced.
 #[derive(Debug)]
@@ -185,7 +174,7 @@ impl Session {
         match frame {
             Frame::Complete(line) => {
                 match std::mem::replace(&mut self.state, State::NotAuthenticated) {
-                    State::Sasl { tag, step } => self.sasl_line(tag, step, &line),
+                    State::Sasl { tag, exchange } => self.sasl_line(tag, exchange, &line),
                     _ => self.command(&line),
                 }
             }
@@ -286,35 +275,17 @@ impl Session {
                     return;
                 }
                 let tag = tag.to_owned();
-                if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-                    match initial_response {
-                        Some(ir) => self.sasl_line(tag, SaslStep::Plain, ir),
-                        None => {
-                            self.send(encode::continuation(""));
-                            self.state = State::Sasl {
-                                tag,
-                                step: SaslStep::Plain,
-                            };
-                        }
+                let Some(mechanism) = Mechanism::from_name(mechanism) else {
+                    self.send(encode::tagged(&tag, "NO", None, "Unsupported authentication mechanism"));
+                    return;
+                };
+                let exchange = Exchange::new(mechanism);
+                match initial_response {
+                    Some(ir) => self.sasl_line(tag, exchange, ir),
+                    None => {
+                        self.send(encode::continuation(exchange.first_challenge()));
+                        self.state = State::Sasl { tag, exchange };
                     }
-                } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
-                    match initial_response {
-                        Some(ir) => self.sasl_line(tag, SaslStep::LoginUsername, ir),
-                        None => {
-                            self.send(encode::continuation(LOGIN_USERNAME_PROMPT));
-                            self.state = State::Sasl {
-                                tag,
-                                step: SaslStep::LoginUsername,
-                            };
-                        }
-                    }
-                } else {
-                    self.send(encode::tagged(
-                        &tag,
-                        "NO",
-                        None,
-                        "Unsupported authentication mechanism",
-                    ));
                 }
             }
             Command::Other(_) => {
@@ -338,46 +309,19 @@ impl Session {
     }
 
     /// One client line of an AUTHENTICATE exchange (RFC 9051 §6.2.2).
-    fn sasl_line(&mut self, tag: String, step: SaslStep, line: &[u8]) {
+    fn sasl_line(&mut self, tag: String, mut exchange: Exchange, line: &[u8]) {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line == b"*" {
-            self.send(encode::tagged(
-                &tag,
-                "BAD",
-                None,
-                "Authentication cancelled",
-            ));
-            return;
-        }
-        let outcome = match step {
-            SaslStep::Plain => sasl::decode_plain(line).map(Some),
-            SaslStep::LoginUsername => sasl::decode_base64(line)
-                .and_then(|u| sasl::username(&u))
-                .map(|username| {
-                    self.send(encode::continuation(LOGIN_PASSWORD_PROMPT));
-                    self.state = State::Sasl {
-                        tag: tag.clone(),
-                        step: SaslStep::LoginPassword { username },
-                    };
-                    None
-                }),
-            SaslStep::LoginPassword { username } => sasl::decode_base64(line).map(|password| {
-                Some(Credentials {
-                    username,
-                    password: Secret::new(password),
-                })
-            }),
-        };
-        match outcome {
-            Ok(Some(credentials)) => self.authenticate(tag, credentials),
-            Ok(None) => {}
-            Err(e) => self.send(encode::tagged(
-                &tag,
-                "BAD",
-                None,
-                &format!("Invalid SASL response: {e}"),
-            )),
+        match exchange.respond(line) {
+            Ok(Step::Challenge(challenge)) => {
+                self.send(encode::continuation(challenge));
+                self.state = State::Sasl { tag, exchange };
+            }
+            Ok(Step::Done(credentials)) => self.authenticate(tag, credentials),
+            Err(sasl::ExchangeError::Cancelled) => {
+                self.send(encode::tagged(&tag, "BAD", None, "Authentication cancelled"));
+            }
+            Err(e) => self.send(encode::tagged(&tag, "BAD", None, &capitalized(&e.to_string()))),
         }
     }
 
@@ -406,4 +350,11 @@ impl ClientSession for Session {
     fn shutdown(&mut self) {
         Session::shutdown(self);
     }
+}
+
+/// "invalid base64" -> "Invalid base64": error texts are lowercase, replies
+/// are sentences.
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }

@@ -85,6 +85,106 @@ pub fn xoauth2_error_status(challenge: &[u8]) -> Option<u16> {
     }
 }
 
+/// A SASL mechanism a client may use to log in to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// RFC 4616.
+    Plain,
+    /// The customary LOGIN mechanism (draft-murchison-sasl-login).
+    Login,
+}
+
+impl Mechanism {
+    /// The mechanism named `name` (case-insensitive), if we offer it.
+    pub fn from_name(name: &[u8]) -> Option<Self> {
+        if name.eq_ignore_ascii_case(b"PLAIN") {
+            Some(Self::Plain)
+        } else if name.eq_ignore_ascii_case(b"LOGIN") {
+            Some(Self::Login)
+        } else {
+            None
+        }
+    }
+}
+
+/// base64 of `Username:` and `Password:`, the customary LOGIN prompts.
+const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
+const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
+
+/// One client SASL exchange, the same in IMAP `AUTHENTICATE` and POP3 `AUTH`.
+#[derive(Debug)]
+pub struct Exchange {
+    step: ExchangeStep,
+}
+
+#[derive(Debug)]
+enum ExchangeStep {
+    Plain,
+    LoginUsername,
+    LoginPassword { username: String },
+}
+
+/// What an exchange wants next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send this base64 challenge and read another response line.
+    Challenge(&'static str),
+    /// The exchange is complete.
+    Done(Credentials),
+}
+
+/// Why an exchange ended without credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    /// The client answered `*` (RFC 4422 §3.5).
+    #[error("authentication cancelled")]
+    Cancelled,
+    #[error("invalid SASL response: {0}")]
+    Malformed(#[from] SaslError),
+}
+
+impl Exchange {
+    /// Starts `mechanism`. Send [`Exchange::first_challenge`] unless the
+    /// client gave an initial response; feed that to [`Exchange::respond`].
+    pub fn new(mechanism: Mechanism) -> Self {
+        let step = match mechanism {
+            Mechanism::Plain => ExchangeStep::Plain,
+            Mechanism::Login => ExchangeStep::LoginUsername,
+        };
+        Self { step }
+    }
+
+    /// The challenge that opens the exchange (empty for PLAIN).
+    pub fn first_challenge(&self) -> &'static str {
+        match self.step {
+            ExchangeStep::LoginUsername => LOGIN_USERNAME_PROMPT,
+            _ => "",
+        }
+    }
+
+    /// One client response line, without its line ending.
+    ///
+    /// # Errors
+    /// `*` cancels; a malformed response ends the exchange.
+    pub fn respond(&mut self, line: &[u8]) -> Result<Step, ExchangeError> {
+        if line == b"*" {
+            return Err(ExchangeError::Cancelled);
+        }
+        match std::mem::replace(&mut self.step, ExchangeStep::Plain) {
+            ExchangeStep::Plain => Ok(Step::Done(decode_plain(line)?)),
+            ExchangeStep::LoginUsername => {
+                let username = username(&decode_base64(line)?)?;
+                self.step = ExchangeStep::LoginPassword { username };
+                Ok(Step::Challenge(LOGIN_PASSWORD_PROMPT))
+            }
+            ExchangeStep::LoginPassword { username } => Ok(Step::Done(Credentials {
+                username,
+                password: Secret::new(decode_base64(line)?),
+            })),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +210,20 @@ mod tests {
         assert_eq!(decode_plain(&b64(b"\0a\0p\0w")), Err(SaslError::Plain));
         assert_eq!(decode_plain(&b64(b"\0\xff\0pw")), Err(SaslError::Utf8));
         assert_eq!(decode_plain(b"="), Err(SaslError::Plain));
+    }
+
+    #[test]
+    fn login_exchange_prompts_for_username_then_password() {
+        let mut ex = Exchange::new(Mechanism::Login);
+        assert_eq!(ex.first_challenge(), "VXNlcm5hbWU6");
+        assert_eq!(ex.respond(b"YWxpY2U="), Ok(Step::Challenge("UGFzc3dvcmQ6")));
+        let Ok(Step::Done(c)) = ex.respond(b"c2VjcmV0") else { panic!("not done") };
+        assert_eq!((c.username.as_str(), c.password.expose().as_slice()), ("alice", &b"secret"[..]));
+        let mut ex = Exchange::new(Mechanism::Plain);
+        assert_eq!(ex.first_challenge(), "");
+        assert_eq!(ex.respond(b"*"), Err(ExchangeError::Cancelled));
+        assert_eq!(Mechanism::from_name(b"plain"), Some(Mechanism::Plain));
+        assert_eq!(Mechanism::from_name(b"CRAM-MD5"), None);
     }
 
     #[test]
