@@ -54,8 +54,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|e| start_error("listener certificate", e))?;
     info!(sha256 = %server_tls.fingerprint, "listener certificate");
     let mut connectors = HashMap::new();
-    for account in config.accounts.values() {
-        let ca = account.imap.ca_file.clone();
+    let upstreams = config
+        .accounts
+        .values()
+        .flat_map(|a| [a.imap.as_ref(), a.pop3.as_ref()])
+        .flatten();
+    for server in upstreams {
+        let ca = server.ca_file.clone();
         if let std::collections::hash_map::Entry::Vacant(entry) = connectors.entry(ca) {
             let tls = crate::tls::client(entry.key().as_deref())
                 .map_err(|e| start_error("upstream tls", e))?;

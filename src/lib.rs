@@ -3,7 +3,7 @@
 //! relays bytes unchanged.
 //!
 //! Module map, arrows pointing down only:
-//! - [`proto`], [`imap`], [`secret`]: sans-io protocol code (no tokio,
+//! - [`proto`], [`imap`], [`pop3`], [`secret`]: sans-io protocol code (no tokio,
 //!   rustls or reqwest), built even without the `server` feature so that
 //!   the fuzz targets compile only these.
 //! - `config`: the file and environment, validated into typed values.
@@ -14,6 +14,7 @@
 //! - `app`: wiring from a validated `Config` to running listeners.
 
 pub mod imap;
+pub mod pop3;
 pub mod proto;
 pub mod secret;
 

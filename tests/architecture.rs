@@ -21,7 +21,7 @@ fn protocol_modules_import_no_io_crates() {
         "crate::app",
     ];
     let mut checked = 0;
-    for dir in ["proto", "imap"] {
+    for dir in ["proto", "imap", "pop3"] {
         for entry in std::fs::read_dir(root.join(dir)).expect("module dir") {
             let path = entry.expect("entry").path();
             let text = std::fs::read_to_string(&path).expect("source");

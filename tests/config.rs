@@ -86,7 +86,10 @@ fn provider_defaults_are_filled_in() {
     );
     assert_eq!(g.scopes, ["https://mail.google.com/"]);
     let a = &c.accounts["jira"];
-    assert_eq!((a.imap.host.as_str(), a.imap.port), ("imap.gmail.com", 993));
+    let imap = a.imap.as_ref().unwrap();
+    assert_eq!((imap.host.as_str(), imap.port), ("imap.gmail.com", 993));
+    let pop3 = a.pop3.as_ref().unwrap();
+    assert_eq!((pop3.host.as_str(), pop3.port), ("pop.gmail.com", 995));
     assert_eq!(a.username, "jira", "username defaults to the account name");
 
     let ms = parse(&base("").replace(
@@ -100,7 +103,12 @@ fn provider_defaults_are_filled_in() {
         "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
     assert!(m.scopes.iter().any(|s| s == "offline_access"));
-    assert_eq!(ms.accounts["jira"].imap.host, "outlook.office365.com");
+    let ms_account = &ms.accounts["jira"];
+    assert_eq!(
+        ms_account.imap.as_ref().unwrap().host,
+        "outlook.office365.com"
+    );
+    assert_eq!(ms_account.pop3.as_ref().unwrap().port, 995);
 }
 
 #[test]

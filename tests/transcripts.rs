@@ -22,9 +22,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use mailgate::imap;
-use mailgate::proto::{Action, FrameLimits, LoginFailure, UpstreamAction, UpstreamFailure};
+use mailgate::proto::{
+    Action, ClientSession, FrameLimits, LoginFailure, UpstreamAction, UpstreamFailure,
+    UpstreamLogin, UpstreamTls,
+};
 use mailgate::secret::Secret;
+use mailgate::{imap, pop3};
 
 const CHUNKS: [usize; 6] = [1, 2, 3, 7, 64, usize::MAX];
 
@@ -213,27 +216,77 @@ fn client_action(action: Action, out: &mut Vec<(Kind, String)>) {
     }
 }
 
-fn client_options(name: &str) -> imap::Options {
-    imap::Options {
-        tls_active: !name.starts_with("starttls"),
-        starttls: name.starts_with("starttls"),
+const LIMITS: FrameLimits = FrameLimits {
+    max_line: 200,
+    max_literal: 100,
+};
+
+/// Transcripts whose name starts with `starttls` run on a STARTTLS / STLS
+/// listener; the others on implicit TLS.
+fn imap_session(name: &str) -> Box<dyn ClientSession> {
+    let starttls = name.starts_with("starttls");
+    Box::new(imap::Session::new(imap::Options {
+        tls_active: !starttls,
+        starttls,
         loopback_plaintext: false,
-        limits: FrameLimits {
-            max_line: 200,
-            max_literal: 100,
-        },
+        limits: LIMITS,
+    }))
+}
+
+fn pop3_session(name: &str) -> Box<dyn ClientSession> {
+    let stls = name.starts_with("starttls");
+    Box::new(pop3::Session::new(pop3::Options {
+        tls_active: !stls,
+        stls,
+        loopback_plaintext: false,
+        limits: LIMITS,
+    }))
+}
+
+fn upstream_tls(name: &str) -> UpstreamTls {
+    if name.starts_with("starttls") {
+        UpstreamTls::StartTls
+    } else {
+        UpstreamTls::Implicit
     }
 }
 
-fn run_client(name: &str, text: &str, chunk: usize) {
-    let mut session = imap::Session::new(client_options(name));
+fn imap_upstream(name: &str) -> Box<dyn UpstreamLogin> {
+    Box::new(imap::Upstream::new(
+        "alice@example.test",
+        &Secret::new("tok".into()),
+        upstream_tls(name),
+    ))
+}
+
+fn pop3_upstream(name: &str) -> Box<dyn UpstreamLogin> {
+    // A long token makes the initial response too long for one POP3
+    // command line; transcripts named `*long-token*` use it.
+    let token = if name.contains("long-token") {
+        "t".repeat(300)
+    } else {
+        "tok".to_owned()
+    };
+    Box::new(pop3::Upstream::new(
+        "alice@example.test",
+        &Secret::new(token),
+        upstream_tls(name),
+    ))
+}
+
+fn run_client(name: &str, text: &str, chunk: usize, new: fn(&str) -> Box<dyn ClientSession>) {
+    let mut session = new(name);
     let mut got = Vec::new();
     for (i, seg) in segments(text, "cl>", ">cl").into_iter().enumerate() {
         if let Some(call) = &seg.call {
             let (verb, arg) = call.split_once(' ').unwrap_or((call, ""));
             match verb {
                 "tls" => session.tls_established(),
-                "ok" => session.login_succeeded(&arg.split_whitespace().collect::<Vec<_>>()),
+                "ok" => session.login_succeeded(
+                    &arg.split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                ),
                 "fail" => session.login_failed(match arg {
                     "bad" => LoginFailure::BadCredentials,
                     "unavailable" => LoginFailure::Unavailable,
@@ -291,13 +344,8 @@ fn upstream_action(action: UpstreamAction, out: &mut Vec<(Kind, String)>) {
     }
 }
 
-fn run_upstream(name: &str, text: &str, chunk: usize) {
-    let tls = if name.starts_with("starttls") {
-        imap::UpstreamTls::StartTls
-    } else {
-        imap::UpstreamTls::Implicit
-    };
-    let mut up = imap::Upstream::new("alice@example.test", &Secret::new("tok".into()), tls);
+fn run_upstream(name: &str, text: &str, chunk: usize, new: fn(&str) -> Box<dyn UpstreamLogin>) {
+    let mut up = new(name);
     let mut got = Vec::new();
     let mut logged_in = false;
     for (i, seg) in segments(text, "up>", ">up").into_iter().enumerate() {
@@ -329,7 +377,7 @@ fn run_upstream(name: &str, text: &str, chunk: usize) {
     }
 }
 
-fn run_dir(dir: &str, run: fn(&str, &str, usize)) {
+fn run_dir<F: Copy>(dir: &str, new: F, run: fn(&str, &str, usize, F)) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/transcripts")
         .join(dir);
@@ -339,7 +387,7 @@ fn run_dir(dir: &str, run: fn(&str, &str, usize)) {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&path).unwrap();
         for chunk in CHUNKS {
-            run(&name, &text, chunk);
+            run(&name, &text, chunk, new);
         }
         count += 1;
     }
@@ -348,10 +396,28 @@ fn run_dir(dir: &str, run: fn(&str, &str, usize)) {
 
 #[test]
 fn imap_client_transcripts() {
-    run_dir("imap-client", run_client);
+    run_dir("imap-client", imap_session as fn(&str) -> _, run_client);
 }
 
 #[test]
 fn imap_upstream_transcripts() {
-    run_dir("imap-upstream", run_upstream);
+    run_dir(
+        "imap-upstream",
+        imap_upstream as fn(&str) -> _,
+        run_upstream,
+    );
+}
+
+#[test]
+fn pop3_client_transcripts() {
+    run_dir("pop3-client", pop3_session as fn(&str) -> _, run_client);
+}
+
+#[test]
+fn pop3_upstream_transcripts() {
+    run_dir(
+        "pop3-upstream",
+        pop3_upstream as fn(&str) -> _,
+        run_upstream,
+    );
 }

@@ -145,7 +145,21 @@ pub struct Account {
     pub mailbox: String,
     pub grant: Grant,
     pub refresh_token: Option<Secret<String>>,
-    pub imap: UpstreamServer,
+    /// The upstream IMAP server; `None` only for a custom provider that
+    /// gives none and has no IMAP listener to serve.
+    pub imap: Option<UpstreamServer>,
+    /// The upstream POP3 server, likewise.
+    pub pop3: Option<UpstreamServer>,
+}
+
+impl Account {
+    /// The upstream for `protocol`.
+    pub fn upstream(&self, protocol: Protocol) -> Option<&UpstreamServer> {
+        match protocol {
+            Protocol::Imap => self.imap.as_ref(),
+            Protocol::Pop3 => self.pop3.as_ref(),
+        }
+    }
 }
 
 /// An upstream mail server.
@@ -223,19 +237,25 @@ impl Config {
         for a in self.accounts.values() {
             let _ = writeln!(
                 s,
-                "account {}: user {}, integration {}, mailbox {}, grant {:?}, imap {}:{} ({:?})",
+                "account {}: user {}, integration {}, mailbox {}, grant {:?}, imap {}, pop3 {}",
                 a.name,
                 a.username,
                 a.integration.name,
                 a.mailbox,
                 a.grant,
-                a.imap.host,
-                a.imap.port,
-                a.imap.tls
+                describe(a.imap.as_ref()),
+                describe(a.pop3.as_ref()),
             );
         }
         s
     }
+}
+
+fn describe(u: Option<&UpstreamServer>) -> String {
+    u.map_or_else(
+        || "none".into(),
+        |u| format!("{}:{} ({:?})", u.host, u.port, u.tls),
+    )
 }
 
 fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
@@ -283,9 +303,11 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     }
     let mut accounts = BTreeMap::new();
     let mut usernames = HashMap::new();
+    let serves = |p: Protocol| listeners.iter().any(|l| l.protocol == p);
+    let protocols = (serves(Protocol::Imap), serves(Protocol::Pop3));
     for (name, a) in raw.accounts {
         let key = format!("accounts.{name}");
-        let account = account(&key, name.clone(), a, &integrations)?;
+        let account = account(&key, name.clone(), a, &integrations, protocols)?;
         if let Some(other) = usernames.insert(account.username.clone(), name.clone()) {
             return Err(invalid(
                 format!("{key}.username"),
@@ -499,6 +521,7 @@ fn account(
     name: String,
     a: raw::Account,
     integrations: &BTreeMap<String, Arc<Integration>>,
+    (serves_imap, serves_pop3): (bool, bool),
 ) -> Result<Account, ConfigError> {
     let integration = integrations
         .get(&a.integration)
@@ -534,17 +557,20 @@ fn account(
             "must be a non-empty mailbox name",
         ));
     }
-    let imap = match (a.imap, integration.provider) {
-        (Some(u), _) => upstream(&format!("{key}.imap"), u)?,
-        (None, Provider::Google) => default_upstream("imap.gmail.com", 993),
-        (None, Provider::Microsoft) => default_upstream("outlook.office365.com", 993),
-        (None, Provider::Custom) => {
-            return Err(invalid(
-                format!("{key}.imap"),
-                "is required for an integration with a custom provider",
-            ))
-        }
-    };
+    let imap = upstream_or_default(
+        &format!("{key}.imap"),
+        a.imap,
+        integration.provider,
+        [("imap.gmail.com", 993), ("outlook.office365.com", 993)],
+        serves_imap,
+    )?;
+    let pop3 = upstream_or_default(
+        &format!("{key}.pop3"),
+        a.pop3,
+        integration.provider,
+        [("pop.gmail.com", 995), ("outlook.office365.com", 995)],
+        serves_pop3,
+    )?;
     Ok(Account {
         name,
         username,
@@ -554,7 +580,29 @@ fn account(
         grant: a.grant,
         refresh_token: a.refresh_token.map(Secret::new),
         imap,
+        pop3,
     })
+}
+
+/// The configured upstream, or the provider's (`[google, microsoft]`).
+/// A custom provider must give one when a listener serves the protocol.
+fn upstream_or_default(
+    key: &str,
+    given: Option<raw::Upstream>,
+    provider: Provider,
+    [google, microsoft]: [(&str, u16); 2],
+    served: bool,
+) -> Result<Option<UpstreamServer>, ConfigError> {
+    match (given, provider) {
+        (Some(u), _) => upstream(key, u).map(Some),
+        (None, Provider::Google) => Ok(Some(default_upstream(google.0, google.1))),
+        (None, Provider::Microsoft) => Ok(Some(default_upstream(microsoft.0, microsoft.1))),
+        (None, Provider::Custom) if served => Err(invalid(
+            key,
+            "is required for an integration with a custom provider",
+        )),
+        (None, Provider::Custom) => Ok(None),
+    }
 }
 
 fn default_upstream(host: &str, port: u16) -> UpstreamServer {

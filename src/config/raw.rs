@@ -35,6 +35,7 @@ pub struct Listener {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Imap,
+    Pop3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -120,6 +121,7 @@ pub struct Account {
     pub grant: Grant,
     pub refresh_token: Option<String>,
     pub imap: Option<Upstream>,
+    pub pop3: Option<Upstream>,
 }
 
 #[derive(Debug, Deserialize)]

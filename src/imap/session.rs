@@ -276,7 +276,12 @@ impl Session {
                 }
                 let tag = tag.to_owned();
                 let Some(mechanism) = Mechanism::from_name(mechanism) else {
-                    self.send(encode::tagged(&tag, "NO", None, "Unsupported authentication mechanism"));
+                    self.send(encode::tagged(
+                        &tag,
+                        "NO",
+                        None,
+                        "Unsupported authentication mechanism",
+                    ));
                     return;
                 };
                 let exchange = Exchange::new(mechanism);
@@ -319,9 +324,19 @@ impl Session {
             }
             Ok(Step::Done(credentials)) => self.authenticate(tag, credentials),
             Err(sasl::ExchangeError::Cancelled) => {
-                self.send(encode::tagged(&tag, "BAD", None, "Authentication cancelled"));
+                self.send(encode::tagged(
+                    &tag,
+                    "BAD",
+                    None,
+                    "Authentication cancelled",
+                ));
             }
-            Err(e) => self.send(encode::tagged(&tag, "BAD", None, &capitalized(&e.to_string()))),
+            Err(e) => self.send(encode::tagged(
+                &tag,
+                "BAD",
+                None,
+                &capitalized(&e.to_string()),
+            )),
         }
     }
 
@@ -356,5 +371,8 @@ impl ClientSession for Session {
 /// are sentences.
 fn capitalized(s: &str) -> String {
     let mut chars = s.chars();
-    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }

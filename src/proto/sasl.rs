@@ -217,8 +217,13 @@ mod tests {
         let mut ex = Exchange::new(Mechanism::Login);
         assert_eq!(ex.first_challenge(), "VXNlcm5hbWU6");
         assert_eq!(ex.respond(b"YWxpY2U="), Ok(Step::Challenge("UGFzc3dvcmQ6")));
-        let Ok(Step::Done(c)) = ex.respond(b"c2VjcmV0") else { panic!("not done") };
-        assert_eq!((c.username.as_str(), c.password.expose().as_slice()), ("alice", &b"secret"[..]));
+        let Ok(Step::Done(c)) = ex.respond(b"c2VjcmV0") else {
+            panic!("not done")
+        };
+        assert_eq!(
+            (c.username.as_str(), c.password.expose().as_slice()),
+            ("alice", &b"secret"[..])
+        );
         let mut ex = Exchange::new(Mechanism::Plain);
         assert_eq!(ex.first_challenge(), "");
         assert_eq!(ex.respond(b"*"), Err(ExchangeError::Cancelled));

@@ -54,7 +54,16 @@ pub async fn serve(
                     loopback_plaintext: tls == ListenerTls::Plaintext,
                     limits: gateway.frame_limits(),
                 });
-                run(&gateway, tcp, tls, session).await
+                run(&gateway, tcp, protocol, tls, session).await
+            }
+            Protocol::Pop3 => {
+                let session = crate::pop3::Session::new(crate::pop3::Options {
+                    tls_active: tls == ListenerTls::Implicit,
+                    stls: tls == ListenerTls::StartTls,
+                    loopback_plaintext: tls == ListenerTls::Plaintext,
+                    limits: gateway.frame_limits(),
+                });
+                run(&gateway, tcp, protocol, tls, session).await
             }
         };
         let elapsed_ms = started.elapsed().as_millis();
@@ -83,6 +92,7 @@ struct Relayed {
 async fn run<S: ClientSession>(
     gateway: &Gateway,
     tcp: TcpStream,
+    protocol: Protocol,
     tls: ListenerTls,
     mut session: S,
 ) -> Result<Relayed, Closed> {
@@ -107,18 +117,20 @@ async fn run<S: ClientSession>(
                     client = Stream::Tls(Box::new(handshake(gateway, tcp).await?));
                     session.tls_established();
                 }
-                Action::Authenticate(credentials) => match gateway.login(&credentials).await {
-                    Ok((account, logged_in)) => {
-                        session.login_succeeded(&logged_in.capabilities);
-                        upstream = Some((account, logged_in));
-                    }
-                    Err(failure) => {
-                        if failure == LoginFailure::BadCredentials {
-                            tokio::time::sleep(limits.login_failure_delay).await;
+                Action::Authenticate(credentials) => {
+                    match gateway.login(protocol, &credentials).await {
+                        Ok((account, logged_in)) => {
+                            session.login_succeeded(&logged_in.capabilities);
+                            upstream = Some((account, logged_in));
                         }
-                        session.login_failed(failure);
+                        Err(failure) => {
+                            if failure == LoginFailure::BadCredentials {
+                                tokio::time::sleep(limits.login_failure_delay).await;
+                            }
+                            session.login_failed(failure);
+                        }
                     }
-                },
+                }
                 Action::Splice { to_upstream } => {
                     let Some((account, logged_in)) = upstream.take() else {
                         return Err(Closed::Logout);

@@ -15,7 +15,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, warn};
 
 use crate::account::Accounts;
-use crate::config::{Account, Config, Limits, Listener};
+use crate::config::{Account, Config, Limits, Listener, Protocol};
 use crate::oauth::{TokenError, Tokens};
 use crate::proto::{Credentials, FrameLimits, LoginFailure};
 use crate::secret::Secret;
@@ -66,7 +66,11 @@ impl Gateway {
 
     /// Checks local credentials, gets a token and logs in upstream. A wrong
     /// local password causes no upstream or OAuth traffic at all.
-    async fn login(&self, credentials: &Credentials) -> Result<(String, LoggedIn), LoginFailure> {
+    async fn login(
+        &self,
+        protocol: Protocol,
+        credentials: &Credentials,
+    ) -> Result<(String, LoggedIn), LoginFailure> {
         let account = self.verify(credentials).await?;
         let login = async {
             let token = self
@@ -74,7 +78,7 @@ impl Gateway {
                 .access_token(&account)
                 .await
                 .map_err(|e| token_failure(&account, e))?;
-            match self.upstream_login(&account, &token).await {
+            match self.upstream_login(protocol, &account, &token).await {
                 Err(UpstreamError::Rejected {
                     status: Some(400 | 401),
                     ..
@@ -85,7 +89,7 @@ impl Gateway {
                         .replace_rejected(&account, &token)
                         .await
                         .map_err(|e| token_failure(&account, e))?;
-                    self.upstream_login(&account, &token)
+                    self.upstream_login(protocol, &account, &token)
                         .await
                         .map_err(|e| upstream_failure(&account, e))
                 }
@@ -115,21 +119,32 @@ impl Gateway {
 
     async fn upstream_login(
         &self,
+        protocol: Protocol,
         account: &Account,
         token: &Secret<String>,
     ) -> Result<LoggedIn, UpstreamError> {
-        let server = &account.imap;
+        let server = account.upstream(protocol).ok_or_else(|| {
+            UpstreamError::Protocol(format!("account has no {protocol:?} upstream"))
+        })?;
         let connector = self
             .connectors
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
-        let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
-        tokio::time::timeout(
-            self.config.limits.upstream_timeout,
-            upstream::login(server, connector, login),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout))
+        let login = async {
+            match protocol {
+                Protocol::Imap => {
+                    let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
+                    upstream::login(server, connector, login).await
+                }
+                Protocol::Pop3 => {
+                    let login = crate::pop3::Upstream::new(&account.mailbox, token, server.tls);
+                    upstream::login(server, connector, login).await
+                }
+            }
+        };
+        tokio::time::timeout(self.config.limits.upstream_timeout, login)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
     }
 }
 

@@ -1,0 +1,263 @@
+//! The client's POP3 conversation in the AUTHORIZATION state, as a state
+//! machine.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::parse::{self, Command};
+use super::{capability, encode};
+use crate::proto::sasl::{self, Exchange, ExchangeError, Mechanism, Step};
+use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
+use crate::secret::Secret;
+
+/// How a session starts, fixed by its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The connection is already TLS (implicit TLS listener).
+    pub tls_active: bool,
+    /// The listener offers STLS.
+    pub stls: bool,
+    /// The listener is plaintext on loopback: treated as private.
+    pub loopback_plaintext: bool,
+    pub limits: FrameLimits,
+}
+
+#[derive(Debug)]
+enum State {
+    /// RFC 1939's AUTHORIZATION state; `user` holds a USER name waiting
+    /// for its PASS.
+    Authorization {
+        user: Option<String>,
+    },
+    /// An AUTH exchange waits for the client's next line.
+    Sasl {
+        exchange: Exchange,
+    },
+    StartingTls,
+    AwaitingLogin,
+    Relaying,
+    Closed,
+}
+
+/// The client side of one POP3 connection, until it is spliced.
+#[derive(Debug)]
+pub struct Session {
+    options: Options,
+    state: State,
+    input: BytesMut,
+    framer: Framer,
+    actions: VecDeque<Action>,
+}
+
+impl Session {
+    /// A new session; its first action sends the greeting. The greeting has
+    /// no APOP timestamp: APOP is not offered.
+    pub fn new(options: Options) -> Self {
+        let mut session = Self {
+            options,
+            state: State::Authorization { user: None },
+            input: BytesMut::new(),
+            framer: Framer::new(options.limits),
+            actions: VecDeque::new(),
+        };
+        session.send(encode::ok("mailgate ready"));
+        session
+    }
+
+    fn secure(&self) -> bool {
+        self.options.tls_active || self.options.loopback_plaintext
+    }
+
+    fn send(&mut self, bytes: Bytes) {
+        self.actions.push_back(Action::Send(bytes));
+    }
+
+    fn close_with(&mut self, bytes: Bytes) {
+        self.send(bytes);
+        self.actions.push_back(Action::Close);
+        self.state = State::Closed;
+        self.input.clear();
+    }
+
+    fn step(&mut self) -> bool {
+        if !matches!(self.state, State::Authorization { .. } | State::Sasl { .. }) {
+            return false;
+        }
+        let Some(frame) = self.framer.next(&mut self.input, false) else {
+            return false;
+        };
+        let state = std::mem::replace(&mut self.state, State::Authorization { user: None });
+        match frame {
+            Frame::Complete(line) => match state {
+                State::Sasl { exchange } => self.sasl_line(exchange, &line),
+                State::Authorization { user } => self.command(user, &line),
+                other => self.state = other,
+            },
+            // The framer runs without literals: only `TooLong` can come.
+            _ => self.send(encode::err(None, "Line too long")),
+        }
+        true
+    }
+
+    fn command(&mut self, user: Option<String>, line: &[u8]) {
+        let Ok(command) = parse::command(line) else {
+            self.send(encode::err(None, "Unknown command or bad syntax"));
+            return;
+        };
+        match command {
+            Command::Capa => {
+                let caps = capability::before_login(
+                    self.secure(),
+                    self.options.stls && !self.options.tls_active,
+                );
+                self.send(encode::list("Capability list follows", &caps));
+            }
+            Command::Noop => self.send(encode::ok("")),
+            Command::Quit => self.close_with(encode::ok("mailgate signing off")),
+            Command::Stls => {
+                if self.options.stls && !self.options.tls_active {
+                    self.send(encode::ok("Begin TLS negotiation"));
+                    self.actions.push_back(Action::StartTls);
+                    self.state = State::StartingTls;
+                } else {
+                    self.send(encode::err(None, "STLS not available"));
+                }
+            }
+            Command::Apop => self.send(encode::err(
+                None,
+                "APOP not supported; use USER/PASS or AUTH",
+            )),
+            _ if !self.secure() => self.send(encode::err(None, "Use STLS first")),
+            Command::User(name) => match sasl::username(name) {
+                Ok(name) => {
+                    self.send(encode::ok("Send PASS"));
+                    self.state = State::Authorization { user: Some(name) };
+                }
+                Err(_) => self.send(encode::err(Some("AUTH"), "Authentication failed")),
+            },
+            Command::Pass(password) => match user {
+                Some(username) => {
+                    self.authenticate(Credentials {
+                        username,
+                        password: Secret::new(password.to_vec()),
+                    });
+                }
+                None => self.send(encode::err(None, "USER first")),
+            },
+            Command::Auth {
+                mechanism: None, ..
+            } => self.send(encode::list("Mechanisms follow", &["PLAIN", "LOGIN"])),
+            Command::Auth {
+                mechanism: Some(name),
+                initial_response,
+            } => {
+                let Some(mechanism) = Mechanism::from_name(name) else {
+                    self.send(encode::err(None, "Unsupported authentication mechanism"));
+                    return;
+                };
+                let exchange = Exchange::new(mechanism);
+                match initial_response {
+                    Some(ir) => self.sasl_line(exchange, ir),
+                    None => {
+                        self.send(encode::continuation(exchange.first_challenge()));
+                        self.state = State::Sasl { exchange };
+                    }
+                }
+            }
+            Command::Other(_) => self.send(encode::err(None, "Command not valid before login")),
+        }
+    }
+
+    /// One client line of an AUTH exchange (RFC 5034 §4).
+    fn sasl_line(&mut self, mut exchange: Exchange, line: &[u8]) {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match exchange.respond(line) {
+            Ok(Step::Challenge(challenge)) => {
+                self.send(encode::continuation(challenge));
+                self.state = State::Sasl { exchange };
+            }
+            Ok(Step::Done(credentials)) => self.authenticate(credentials),
+            Err(ExchangeError::Cancelled) => {
+                self.send(encode::err(None, "Authentication cancelled"))
+            }
+            Err(ExchangeError::Malformed(_)) => {
+                self.send(encode::err(None, "Invalid SASL response"))
+            }
+        }
+    }
+
+    fn authenticate(&mut self, credentials: Credentials) {
+        self.actions.push_back(Action::Authenticate(credentials));
+        self.state = State::AwaitingLogin;
+    }
+}
+
+impl ClientSession for Session {
+    fn feed(&mut self, bytes: &[u8]) {
+        if !matches!(self.state, State::Closed) {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if !self.step() {
+                return None;
+            }
+        }
+    }
+
+    fn tls_established(&mut self) {
+        self.options.tls_active = true;
+        // Plaintext sent before the handshake must not be read as commands
+        // (RFC 2595 §4).
+        self.input.clear();
+        self.framer.reset();
+        if matches!(self.state, State::StartingTls) {
+            self.state = State::Authorization { user: None };
+        }
+    }
+
+    fn login_succeeded(&mut self, _upstream_capabilities: &[String]) {
+        if !matches!(self.state, State::AwaitingLogin) {
+            return;
+        }
+        self.state = State::Relaying;
+        self.send(encode::ok("Logged in"));
+        let to_upstream = self.input.split().freeze();
+        self.actions.push_back(Action::Splice { to_upstream });
+    }
+
+    fn login_failed(&mut self, failure: LoginFailure) {
+        if !matches!(self.state, State::AwaitingLogin) {
+            return;
+        }
+        self.state = State::Authorization { user: None };
+        // RFC 3206 response codes, which RESP-CODES and AUTH-RESP-CODE
+        // promise.
+        let (code, text) = match failure {
+            LoginFailure::BadCredentials => ("AUTH", "Authentication failed"),
+            LoginFailure::Unavailable => (
+                "SYS/TEMP",
+                "Upstream mail service unavailable, try again later",
+            ),
+            LoginFailure::NeedsAuthorization => (
+                "SYS/PERM",
+                "This account must be authorized again by the mailgate administrator",
+            ),
+            LoginFailure::InUse => ("IN-USE", "Mailbox in use"),
+        };
+        self.send(encode::err(Some(code), text));
+    }
+
+    fn shutdown(&mut self) {
+        if !matches!(self.state, State::Relaying | State::Closed) {
+            self.close_with(encode::err(Some("SYS/TEMP"), "mailgate shutting down"));
+        }
+    }
+}

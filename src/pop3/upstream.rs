@@ -1,0 +1,228 @@
+//! Our own login at a POP3 upstream: greeting, optional STLS, CAPA, and
+//! `AUTH XOAUTH2`, with the provider's error challenge.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::parse::{self, Response};
+use crate::proto::sasl;
+use crate::proto::{
+    Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+};
+use crate::secret::Secret;
+
+/// RFC 2449 §4 caps a command line at 255 octets, CRLF included. RFC 5034
+/// §4: an initial response that would exceed it goes in a continuation.
+const MAX_COMMAND_LINE: usize = 255;
+
+const AUTH_TWO_STEP: &[u8] = b"AUTH XOAUTH2\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Greeting,
+    Stls,
+    StartingTls,
+    /// `CAPA` sent; `listing` once its `+OK` has come.
+    Capa {
+        listing: bool,
+    },
+    /// `AUTH XOAUTH2` sent without the response; waiting for `+`.
+    AwaitContinue,
+    /// Our XOAUTH2 response went out, inline (`initial`) or after `+`.
+    Responded {
+        initial: bool,
+    },
+    /// The error challenge came and was answered; waiting for `-ERR`.
+    Challenged {
+        status: Option<u16>,
+    },
+    Done,
+}
+
+/// Upstream lines before login are short; CAPA lines are at most 512.
+const UPSTREAM_LIMITS: FrameLimits = FrameLimits {
+    max_line: 64 * 1024,
+    max_literal: 0,
+};
+
+/// Logs in at a POP3 upstream with XOAUTH2. Fed upstream bytes, yields
+/// [`UpstreamAction`]s until `LoggedIn` or `Failed`.
+#[derive(Debug)]
+pub struct Upstream {
+    state: State,
+    tls: UpstreamTls,
+    response: Secret<String>,
+    capabilities: Vec<String>,
+    input: BytesMut,
+    framer: Framer,
+    actions: VecDeque<UpstreamAction>,
+}
+
+impl Upstream {
+    /// A login as `mailbox` with `access_token`.
+    pub fn new(mailbox: &str, access_token: &Secret<String>, tls: UpstreamTls) -> Self {
+        Self {
+            state: State::Greeting,
+            tls,
+            response: sasl::xoauth2(mailbox, access_token),
+            capabilities: Vec::new(),
+            input: BytesMut::new(),
+            framer: Framer::new(UPSTREAM_LIMITS),
+            actions: VecDeque::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: Bytes) {
+        self.actions.push_back(UpstreamAction::Send(bytes));
+    }
+
+    fn finish(&mut self, action: UpstreamAction) {
+        self.actions.push_back(action);
+        self.state = State::Done;
+    }
+
+    fn fail(&mut self, why: &str) {
+        self.finish(UpstreamAction::Failed(UpstreamFailure::Protocol(
+            why.to_owned(),
+        )));
+    }
+
+    fn response_line(&self) -> Bytes {
+        let mut bytes = BytesMut::from(self.response.expose().as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        bytes.freeze()
+    }
+
+    /// `AUTH XOAUTH2 <response>` when it fits in a command line, else the
+    /// two-step form, which Microsoft requires anyway for its long tokens.
+    fn authenticate(&mut self) {
+        let inline = format!("AUTH XOAUTH2 {}\r\n", self.response.expose());
+        if inline.len() <= MAX_COMMAND_LINE {
+            self.send(Bytes::from(inline));
+            self.state = State::Responded { initial: true };
+        } else {
+            self.send(Bytes::from_static(AUTH_TWO_STEP));
+            self.state = State::AwaitContinue;
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        if let State::Capa { listing: true } = self.state {
+            match parse::multiline(line) {
+                Some(cap) => self
+                    .capabilities
+                    .push(String::from_utf8_lossy(cap).into_owned()),
+                None => self.authenticate(),
+            }
+            return;
+        }
+        let Ok(response) = parse::response(line) else {
+            return self.fail("upstream sent an unparseable response");
+        };
+        match (self.state, response) {
+            (State::Greeting, Response::Ok(_)) => {
+                if self.tls == UpstreamTls::StartTls {
+                    self.send(Bytes::from_static(b"STLS\r\n"));
+                    self.state = State::Stls;
+                } else {
+                    self.send(Bytes::from_static(b"CAPA\r\n"));
+                    self.state = State::Capa { listing: false };
+                }
+            }
+            (State::Stls, Response::Ok(_)) => {
+                if !self.input.is_empty() {
+                    return self.fail("upstream sent data after STLS");
+                }
+                self.actions.push_back(UpstreamAction::StartTls);
+                self.state = State::StartingTls;
+            }
+            (State::Capa { .. }, Response::Ok(_)) => self.state = State::Capa { listing: true },
+            // No CAPA: go ahead, XOAUTH2 is what we have.
+            (State::Capa { .. }, Response::Err { .. }) => self.authenticate(),
+            (State::AwaitContinue, Response::Continue(_)) => {
+                let line = self.response_line();
+                self.send(line);
+                self.state = State::Responded { initial: false };
+            }
+            (State::Responded { .. }, Response::Ok(_)) => {
+                let to_client = self.input.split().freeze();
+                let capabilities = std::mem::take(&mut self.capabilities);
+                self.finish(UpstreamAction::LoggedIn {
+                    capabilities,
+                    to_client,
+                });
+            }
+            (State::Responded { .. }, Response::Continue(challenge)) => {
+                // The provider's error challenge: answer with an empty line
+                // to get the final -ERR.
+                let status = sasl::xoauth2_error_status(challenge);
+                self.send(Bytes::from_static(b"\r\n"));
+                self.state = State::Challenged { status };
+            }
+            // A plain -ERR to an initial response: the upstream may not take
+            // one (RFC 5034 lets a client fall back); try the two-step form.
+            (State::Responded { initial: true }, Response::Err { code, .. })
+                if !is_auth_failure(code) =>
+            {
+                self.send(Bytes::from_static(AUTH_TWO_STEP));
+                self.state = State::AwaitContinue;
+            }
+            (State::Responded { .. } | State::AwaitContinue, Response::Err { code, .. }) => {
+                self.rejected(None, code);
+            }
+            (State::Challenged { status }, Response::Err { code, .. }) => {
+                self.rejected(status, code)
+            }
+            (State::Greeting, Response::Err { .. }) => self.fail("upstream greeting is -ERR"),
+            (State::Stls, Response::Err { .. }) => self.fail("upstream refused STLS"),
+            _ => self.fail("upstream sent an unexpected response"),
+        }
+    }
+
+    fn rejected(&mut self, status: Option<u16>, code: Option<&[u8]>) {
+        let in_use = code.is_some_and(|c| c.eq_ignore_ascii_case(b"IN-USE"));
+        self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected {
+            status,
+            in_use,
+        }));
+    }
+}
+
+/// `[AUTH]` and `[IN-USE]` are verdicts on the login itself, not on the
+/// form of the command.
+fn is_auth_failure(code: Option<&[u8]>) -> bool {
+    code.is_some_and(|c| c.eq_ignore_ascii_case(b"AUTH") || c.eq_ignore_ascii_case(b"IN-USE"))
+}
+
+impl UpstreamLogin for Upstream {
+    fn feed(&mut self, bytes: &[u8]) {
+        match self.state {
+            State::Done => {}
+            State::StartingTls if !bytes.is_empty() => self.fail("upstream sent data after STLS"),
+            _ => self.input.extend_from_slice(bytes),
+        }
+    }
+
+    fn next_action(&mut self) -> Option<UpstreamAction> {
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if matches!(self.state, State::Done | State::StartingTls) {
+                return None;
+            }
+            match self.framer.next(&mut self.input, false)? {
+                Frame::Complete(line) => self.line(&line),
+                _ => self.fail("upstream sent an overlong line"),
+            }
+        }
+    }
+
+    fn tls_established(&mut self) {
+        if self.state == State::StartingTls {
+            self.send(Bytes::from_static(b"CAPA\r\n"));
+            self.state = State::Capa { listing: false };
+        }
+    }
+}
