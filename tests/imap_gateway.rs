@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{harness, python_imap, Account, Gateway, RawImap, SHORT_CLIENT};
+use support::{harness, python_imap, Account, Gateway, RawClient, SHORT_CLIENT};
 
 fn sha(bytes: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
@@ -171,7 +171,7 @@ async fn literal_login_with_pipelined_commands_reaches_the_upstream() {
         ..Account::authorized("pipeline", "pipeline@example.test")
     };
     let gateway = Gateway::start(&[account.clone()]).await;
-    let (mut c, greeting) = RawImap::connect(gateway.imaps).await;
+    let (mut c, greeting) = RawClient::connect(gateway.imaps).await;
     assert!(
         greeting.starts_with("* OK [CAPABILITY IMAP4rev1"),
         "{greeting}"
@@ -232,7 +232,7 @@ async fn idle_sees_a_message_appended_by_another_connection() {
         )
     };
 
-    let (mut idler, _) = RawImap::connect(gateway.imaps).await;
+    let (mut idler, _) = RawClient::connect(gateway.imaps).await;
     idler.send(login("a").as_bytes()).await;
     assert!(idler
         .until_tagged("a")
@@ -252,7 +252,7 @@ async fn idle_sees_a_message_appended_by_another_connection() {
     idler.send(b"c IDLE\r\n").await;
     assert!(idler.line().await.starts_with("+ "), "IDLE not accepted");
 
-    let (mut writer, _) = RawImap::connect(gateway.imaps).await;
+    let (mut writer, _) = RawClient::connect(gateway.imaps).await;
     writer.send(login("w1").as_bytes()).await;
     assert!(writer
         .until_tagged("w1")
@@ -328,10 +328,11 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
         grant: "client_credentials",
         refresh_token: None,
         upstream: (upstream.to_string(), "implicit"),
+        pop3_upstream: (upstream.to_string(), "implicit"),
         token_url: Some(format!("http://{oauth}/token")),
     };
     let gateway = Gateway::start(&[account]).await;
-    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
     for (tag, line) in [
         ("a", "a LOGIN victim \"wrong password\"\r\n"),
         ("b", "b LOGIN nobody \"right password\"\r\n"),
@@ -370,7 +371,7 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
 }
 
 async fn login_ok(gateway: &Gateway, account: &Account) -> Vec<String> {
-    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
     c.send(
         format!(
             "a LOGIN {} \"{}\"\r\n",
@@ -567,7 +568,7 @@ async fn failed_logins_are_answered_after_the_configured_delay() {
         ..Account::authorized("slow", "slow@example.test")
     };
     let gateway = Gateway::start_with_delay(&[account], "400ms").await;
-    let (mut c, _) = RawImap::connect(gateway.imaps).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
     let started = std::time::Instant::now();
     c.send(b"a LOGIN slow wrong\r\n").await;
     let reply = c.until_tagged("a").await;

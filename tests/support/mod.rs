@@ -163,8 +163,10 @@ pub struct Account {
     pub client: OAuthClient,
     pub grant: &'static str,
     pub refresh_token: Option<String>,
-    /// Upstream `host:port` and TLS mode.
+    /// Upstream IMAP `host:port` and TLS mode.
     pub upstream: (String, &'static str),
+    /// Upstream POP3 `host:port` and TLS mode.
+    pub pop3_upstream: (String, &'static str),
     /// Overrides the token endpoint (fault tests).
     pub token_url: Option<String>,
 }
@@ -183,6 +185,7 @@ impl Account {
             grant: "authorization_code",
             refresh_token: Some(grant.refresh_token),
             upstream: (format!("127.0.0.1:{}", h.imaps_port), "implicit"),
+            pop3_upstream: (format!("127.0.0.1:{}", h.pop3s_port), "implicit"),
             token_url: None,
         }
     }
@@ -210,6 +213,10 @@ pub struct Gateway {
     pub imaps: SocketAddr,
     /// STARTTLS IMAP listener.
     pub imap: SocketAddr,
+    /// Implicit-TLS POP3 listener.
+    pub pop3s: SocketAddr,
+    /// STLS POP3 listener.
+    pub pop3: SocketAddr,
     pub state: tempfile::TempDir,
     running: Option<mailgate::app::Running>,
 }
@@ -287,6 +294,14 @@ tls = "implicit"
 protocol = "imap"
 address = "127.0.0.1:0"
 tls = "starttls"
+[[listeners]]
+protocol = "pop3"
+address = "127.0.0.1:0"
+tls = "implicit"
+[[listeners]]
+protocol = "pop3"
+address = "127.0.0.1:0"
+tls = "starttls"
 [limits]
 login_failure_delay = "{failure_delay}"
 [oauth]
@@ -316,6 +331,10 @@ grant = "{grant}"
 address = "{upstream}"
 tls = "{upstream_tls}"
 {ca}
+[accounts.{name}.pop3]
+address = "{pop3_upstream}"
+tls = "{pop3_upstream_tls}"
+{ca}
 "#,
                 name = a.name,
                 id = a.client.id,
@@ -332,6 +351,8 @@ tls = "{upstream_tls}"
                     .unwrap_or_default(),
                 upstream = a.upstream.0,
                 upstream_tls = a.upstream.1,
+                pop3_upstream = a.pop3_upstream.0,
+                pop3_upstream_tls = a.pop3_upstream.1,
                 ca = if trust_harness_ca {
                     format!("ca_file = \"{}\"", h.ca_file.display())
                 } else {
@@ -348,6 +369,8 @@ tls = "{upstream_tls}"
         Self {
             imaps: running.addresses[0],
             imap: running.addresses[1],
+            pop3s: running.addresses[2],
+            pop3: running.addresses[3],
             state,
             running: Some(running),
         }
@@ -380,14 +403,14 @@ pub fn client_tls() -> Arc<rustls::ClientConfig> {
 
 type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// A raw IMAP client: sends bytes, reads lines.
-pub struct RawImap {
+/// A raw line client (IMAP or POP3) over real TLS: sends bytes, reads lines.
+pub struct RawClient {
     stream: Option<TlsStream>,
     plain: Option<TcpStream>,
     buf: BytesMut,
 }
 
-impl RawImap {
+impl RawClient {
     /// Connects with implicit TLS and reads the greeting.
     pub async fn connect(addr: SocketAddr) -> (Self, String) {
         let tcp = TcpStream::connect(addr).await.unwrap();
