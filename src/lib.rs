@@ -11,6 +11,7 @@
 //! - `oauth`: token grants, the single-flight token cache, the token store.
 //! - `account`: local password verification.
 //! - `server`: listeners, the connection pipeline, upstream login, relay.
+//! - `admin`: the HTTP listener: the OAuth redirect URL and health.
 //! - `app`: wiring from a validated `Config` to running listeners.
 
 pub mod imap;
@@ -20,6 +21,8 @@ pub mod secret;
 
 #[cfg(feature = "server")]
 pub mod account;
+#[cfg(feature = "server")]
+pub mod admin;
 #[cfg(feature = "server")]
 pub mod app;
 #[cfg(feature = "server")]

@@ -1,4 +1,5 @@
-//! The command line: `run`, `check-config`, `hash-password`.
+//! The command line: `run`, `check-config`, `hash-password`,
+//! `redirect-url`, `authorize`, `status`, `test`.
 
 use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
@@ -6,6 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailgate::config::Config;
+
+mod commands;
 
 /// Exit status for a bad config (EX_USAGE... EX_DATAERR is 65; sysexits'
 /// EX_USAGE, 64, is what the issue and our docs promise).
@@ -39,12 +42,85 @@ enum Command {
     /// Hash a local password for an account's `password_hash`. Reads the
     /// password from the terminal, or from stdin when it is not a terminal.
     HashPassword,
+    /// Print the redirect URL of an integration, to register at the provider.
+    RedirectUrl {
+        /// The integration's name.
+        integration: String,
+    },
+    /// Authorize an account: the 3-legged authorization-code flow (with
+    /// PKCE and state), or the device flow.
+    Authorize {
+        /// The account's name.
+        account: String,
+        /// Headless: paste the URL the browser was sent to after signing in.
+        #[arg(long, conflicts_with = "device")]
+        paste: bool,
+        /// Use the device authorization grant (RFC 8628) instead.
+        #[arg(long)]
+        device: bool,
+        /// Open the authorization URL with xdg-open.
+        #[arg(long)]
+        open: bool,
+        /// Suggest this user to the provider's sign-in page.
+        #[arg(long)]
+        login_hint: Option<String>,
+    },
+    /// List integrations and accounts with their token state. Exits 2 when
+    /// an account needs authorization.
+    Status,
+    /// Test an account (or every account of an integration) end to end:
+    /// token, upstream TLS connect, XOAUTH2 login, logout.
+    Test {
+        /// An account or integration name.
+        target: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::HashPassword => hash_password(),
+        Command::RedirectUrl { integration } => with_config(&cli.config, |config| {
+            let Some(i) = config.integrations.get(&integration) else {
+                eprintln!("mailgate: no integration named {integration:?}");
+                return ExitCode::FAILURE;
+            };
+            match config.redirect_url(i) {
+                Some(url) => {
+                    println!("{url}");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("mailgate: no [http] table in the config: set http.address (and http.public_url)");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Command::Authorize {
+            account,
+            paste,
+            device,
+            open,
+            login_hint,
+        } => {
+            init_tracing();
+            with_config(&cli.config, |config| {
+                block_on(commands::authorize(
+                    config,
+                    &account,
+                    commands::AuthorizeMode {
+                        paste,
+                        device,
+                        open,
+                        login_hint,
+                    },
+                ))
+            })
+        }
+        Command::Status => with_config(&cli.config, |config| block_on(commands::status(config))),
+        Command::Test { target } => with_config(&cli.config, |config| {
+            block_on(commands::test(config, &target))
+        }),
         Command::CheckConfig => match Config::load(&cli.config) {
             Ok(config) => {
                 print!("{}", config.summary());
@@ -104,6 +180,26 @@ async fn wait_for_signal() {
     }
 }
 
+fn with_config(path: &std::path::Path, f: impl FnOnce(Config) -> ExitCode) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => f(config),
+        Err(e) => config_error(path, &e),
+    }
+}
+
+fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r.block_on(future),
+        Err(e) => {
+            eprintln!("mailgate: can't start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn config_error(path: &std::path::Path, e: &mailgate::config::ConfigError) -> ExitCode {
     eprintln!("mailgate: config {}: {e}", path.display());
     ExitCode::from(EXIT_CONFIG)
@@ -112,10 +208,11 @@ fn config_error(path: &std::path::Path, e: &mailgate::config::ConfigError) -> Ex
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 fn hash_password() -> ExitCode {

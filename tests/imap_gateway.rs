@@ -331,7 +331,8 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
         pop3_upstream: (upstream.to_string(), "implicit"),
         token_url: Some(format!("http://{oauth}/token")),
     };
-    let gateway = Gateway::start(&[account]).await;
+    // No background refresh: only logins may cause token requests here.
+    let gateway = Gateway::start_with(&[account], "refresh_in_background = false").await;
     let (mut c, _) = RawClient::connect(gateway.imaps).await;
     for (tag, line) in [
         ("a", "a LOGIN victim \"wrong password\"\r\n"),

@@ -283,7 +283,8 @@ async fn wrong_password_is_refused_with_auth_code_and_no_upstream_traffic() {
         token_url: Some(format!("http://{addr}/token")),
         ..Account::authorized("popvictim", "popvictim@example.test")
     };
-    let gateway = Gateway::start(&[account.clone()]).await;
+    // No background refresh: only logins may cause token requests here.
+    let gateway = Gateway::start_with(&[account.clone()], "refresh_in_background = false").await;
     let wrong = Account {
         password: "wrong",
         ..account.clone()

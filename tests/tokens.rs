@@ -67,10 +67,7 @@ async fn short_lived_tokens_are_reused_while_fresh_and_refreshed_before_expiry()
     let refreshed = tokens.access_token(account).await.unwrap();
     assert_ne!(first, refreshed, "a token past its use-by time was served");
     // Each refresh rotated the refresh token, and the store has the newest.
-    let stored = mailgate::oauth::TokenStore::new(state.path())
-        .load("acct")
-        .unwrap()
-        .unwrap();
+    let stored = support::store(state.path()).load("acct").unwrap().unwrap();
     assert_eq!(
         stored.access_token.as_deref(),
         Some(refreshed.expose().as_str())

@@ -20,7 +20,7 @@ use url::Url;
 use crate::imap::UpstreamTls;
 use crate::secret::Secret;
 
-pub use raw::{Grant, Protocol, Provider};
+pub use raw::{Cloud, Grant, Protocol, Provider};
 
 /// A config error that names its key.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,9 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub state_dir: PathBuf,
+    pub http: Option<HttpSettings>,
+    /// Where the token store's key comes from.
+    pub store_key: crate::oauth::KeySource,
     pub listeners: Vec<Listener>,
     /// PEM files for the listeners; `None` means a self-signed certificate
     /// kept in the state directory.
@@ -105,13 +108,36 @@ pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// OAuth client behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthSettings {
     /// Accept `http://` endpoints on loopback addresses (tests only).
     pub allow_insecure_loopback_http: bool,
     pub request_timeout: Duration,
     /// Refresh an access token this long before it expires.
     pub refresh_margin: Duration,
+    /// Run this (argv) when an account comes to need authorization.
+    pub notify_command: Option<Vec<String>>,
+    /// POST a JSON notice here when an account comes to need authorization.
+    pub notify_url: Option<Url>,
+    /// Keep every account's token fresh in the background (default), or
+    /// only refresh when a login needs a token.
+    pub refresh_in_background: bool,
+}
+
+/// The HTTP listener: the OAuth redirect URL (and, later, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    pub address: SocketAddr,
+    pub tls: HttpTls,
+    /// The base of the redirect URLs, as the admin's browser reaches us.
+    pub public_url: Url,
+}
+
+/// HTTPS, or HTTP on a loopback address only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpTls {
+    Implicit,
+    Plaintext,
 }
 
 /// Token endpoint calls are small; 30 s is patient but bounded.
@@ -128,9 +154,37 @@ pub struct Integration {
     pub client_id: String,
     /// Write-only: never printed, never logged.
     pub client_secret: Option<Secret<String>>,
+    /// Unix seconds when the client secret expires, if the admin said.
+    pub client_secret_expires: Option<u64>,
+    /// A certificate for `private_key_jwt` client authentication.
+    pub client_certificate: Option<ClientCertificate>,
+    /// A Google service account key, for the JWT bearer grant.
+    pub service_account: Option<ServiceAccount>,
     pub scopes: Vec<String>,
     pub authorization_endpoint: Url,
     pub token_endpoint: Url,
+    pub device_authorization_endpoint: Option<Url>,
+    /// The path of the redirect URL under `http.public_url`.
+    pub redirect_path: String,
+    /// The provider's mail hosts, when it has them.
+    default_imap: Option<(String, u16)>,
+    default_pop3: Option<(String, u16)>,
+}
+
+/// A client certificate and key for `private_key_jwt` (RFC 7523 §2.2).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// SHA-256 of the certificate's DER, the JWT header's `x5t#S256`.
+    pub thumbprint_sha256: Vec<u8>,
+    pub private_key_pem: Secret<String>,
+}
+
+/// The parts of a Google service account key that mailgate uses.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub client_email: String,
+    pub private_key_id: Option<String>,
+    pub private_key_pem: Secret<String>,
 }
 
 /// A local login mapped to an upstream mailbox.
@@ -181,8 +235,13 @@ impl Config {
         Self::from_figment(
             Figment::new()
                 .merge(Toml::file_exact(path))
-                // MAILGATE_CONFIG names the file; it is not a key in it.
-                .merge(Env::prefixed("MAILGATE_").ignore(&["config"]).split("__")),
+                // MAILGATE_CONFIG names the file and MAILGATE_TOKEN_KEY holds
+                // the store key; neither is a key in the file.
+                .merge(
+                    Env::prefixed("MAILGATE_")
+                        .ignore(&["config", "token_key"])
+                        .split("__"),
+                ),
         )
     }
 
@@ -295,10 +354,35 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             .request_timeout
             .unwrap_or(DEFAULT_OAUTH_REQUEST_TIMEOUT),
         refresh_margin: raw.oauth.refresh_margin.unwrap_or(DEFAULT_REFRESH_MARGIN),
+        refresh_in_background: raw.oauth.refresh_in_background.unwrap_or(true),
+        notify_command: match raw.oauth.notify_command {
+            Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                return Err(invalid("oauth.notify_command", "must name a program"))
+            }
+            other => other,
+        },
+        notify_url: raw
+            .oauth
+            .notify_url
+            .map(|u| {
+                Url::parse(&u)
+                    .map_err(|e| invalid("oauth.notify_url", format!("{u:?} is not a URL: {e}")))
+            })
+            .transpose()?,
     };
     let mut integrations = BTreeMap::new();
     for (name, i) in raw.integrations {
         let key = format!("integrations.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                key,
+                "integration names use letters, digits, '-', '_' and '.'",
+            ));
+        }
         integrations.insert(name.clone(), Arc::new(integration(&key, name, i, &oauth)?));
     }
     let mut accounts = BTreeMap::new();
@@ -307,6 +391,18 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     let protocols = (serves(Protocol::Imap), serves(Protocol::Pop3));
     for (name, a) in raw.accounts {
         let key = format!("accounts.{name}");
+        // Account names name files in the token store.
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || name.starts_with('.')
+        {
+            return Err(invalid(
+                key,
+                "account names use letters, digits, '-', '_' and '.', and don't start with '.'",
+            ));
+        }
         let account = account(&key, name.clone(), a, &integrations, protocols)?;
         if let Some(other) = usernames.insert(account.username.clone(), name.clone()) {
             return Err(invalid(
@@ -319,7 +415,18 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         }
         accounts.insert(name, Arc::new(account));
     }
+    let http = raw.http.map(http_settings).transpose()?;
+    let store_key = match std::env::var(crate::oauth::KEY_ENV) {
+        Ok(hex) => crate::oauth::KeySource::Hex(Secret::new(hex)),
+        Err(_) => crate::oauth::KeySource::File(
+            raw.store
+                .key_file
+                .unwrap_or_else(|| raw.state_dir.join("token.key")),
+        ),
+    };
     Ok(Config {
+        http,
+        store_key,
         state_dir: raw.state_dir,
         listeners,
         certificate: raw.certificate.map(|c| CertificateFiles {
@@ -331,6 +438,65 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         integrations,
         accounts,
     })
+}
+
+fn http_settings(h: raw::Http) -> Result<HttpSettings, ConfigError> {
+    let address: SocketAddr = h.address.parse().map_err(|e| {
+        invalid(
+            "http.address",
+            format!("{:?} is not an IP:port address: {e}", h.address),
+        )
+    })?;
+    let tls = match h.tls {
+        raw::HttpTls::Implicit => HttpTls::Implicit,
+        raw::HttpTls::Plaintext if address.ip().is_loopback() => HttpTls::Plaintext,
+        raw::HttpTls::Plaintext => {
+            return Err(invalid(
+                "http.tls",
+                "plaintext is allowed only on a loopback address",
+            ))
+        }
+    };
+    let default = format!(
+        "{}://{address}",
+        if tls == HttpTls::Implicit {
+            "https"
+        } else {
+            "http"
+        }
+    );
+    let given = h.public_url.unwrap_or(default);
+    let public_url = Url::parse(&given)
+        .map_err(|e| invalid("http.public_url", format!("{given:?} is not a URL: {e}")))?;
+    // Authorization codes travel over HTTPS only; plain http is for a
+    // browser on the same machine.
+    match public_url.scheme() {
+        "https" => {}
+        "http" if is_loopback_host(&public_url) => {}
+        _ => {
+            return Err(invalid(
+                "http.public_url",
+                "must be https (http only on a loopback address)",
+            ))
+        }
+    }
+    Ok(HttpSettings {
+        address,
+        tls,
+        public_url,
+    })
+}
+
+impl Config {
+    /// The redirect URL of `integration`, to register at the provider.
+    pub fn redirect_url(&self, integration: &Integration) -> Option<Url> {
+        let http = self.http.as_ref()?;
+        let mut url = http.public_url.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}{}", integration.redirect_path));
+        url.set_query(None);
+        Some(url)
+    }
 }
 
 fn positive(key: &str, n: usize) -> Result<usize, ConfigError> {
@@ -367,23 +533,60 @@ fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
     })
 }
 
-/// Google's and Microsoft's documented endpoints and mail scopes.
-fn provider_defaults(provider: Provider, tenant: &str) -> Option<(String, String, Vec<String>)> {
+/// A provider's documented endpoints, mail scopes and mail hosts.
+struct ProviderDefaults {
+    authorization: String,
+    token: String,
+    device: Option<String>,
+    scopes: Vec<String>,
+    imap: (String, u16),
+    pop3: (String, u16),
+}
+
+/// Google's and Microsoft's documented defaults; `None` for custom.
+fn provider_defaults(provider: Provider, tenant: &str, cloud: Cloud) -> Option<ProviderDefaults> {
     match provider {
-        Provider::Google => Some((
-            "https://accounts.google.com/o/oauth2/auth".into(),
-            "https://oauth2.googleapis.com/token".into(),
-            vec!["https://mail.google.com/".into()],
-        )),
-        Provider::Microsoft => Some((
-            format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"),
-            format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
-            vec![
-                "https://outlook.office.com/IMAP.AccessAsUser.All".into(),
-                "https://outlook.office.com/POP.AccessAsUser.All".into(),
-                "offline_access".into(),
-            ],
-        )),
+        Provider::Google => Some(ProviderDefaults {
+            authorization: "https://accounts.google.com/o/oauth2/auth".into(),
+            token: "https://oauth2.googleapis.com/token".into(),
+            // Google's device flow doesn't offer the mail scope.
+            device: None,
+            scopes: vec!["https://mail.google.com/".into()],
+            imap: ("imap.gmail.com".into(), 993),
+            pop3: ("pop.gmail.com".into(), 995),
+        }),
+        Provider::Microsoft => {
+            let (login, scope_host, mail_host) = match cloud {
+                Cloud::Global => (
+                    "login.microsoftonline.com",
+                    "outlook.office.com",
+                    "outlook.office365.com",
+                ),
+                Cloud::Usgov => (
+                    "login.microsoftonline.us",
+                    "outlook.office365.us",
+                    "outlook.office365.us",
+                ),
+                Cloud::China => (
+                    "login.partner.microsoftonline.cn",
+                    "partner.outlook.cn",
+                    "partner.outlook.cn",
+                ),
+            };
+            let base = format!("https://{login}/{tenant}/oauth2/v2.0");
+            Some(ProviderDefaults {
+                authorization: format!("{base}/authorize"),
+                token: format!("{base}/token"),
+                device: Some(format!("{base}/devicecode")),
+                scopes: vec![
+                    format!("https://{scope_host}/IMAP.AccessAsUser.All"),
+                    format!("https://{scope_host}/POP.AccessAsUser.All"),
+                    "offline_access".into(),
+                ],
+                imap: (mail_host.into(), 993),
+                pop3: (mail_host.into(), 995),
+            })
+        }
         Provider::Custom => None,
     }
 }
@@ -397,57 +600,50 @@ fn integration(
     if i.client_id.is_empty() {
         return Err(invalid(format!("{key}.client_id"), "must not be empty"));
     }
-    let tenant = match (&i.tenant, i.provider) {
-        (Some(t), Provider::Microsoft) => {
-            if t.is_empty()
-                || !t
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-            {
+    if i.provider != Provider::Microsoft {
+        for (field, given) in [("tenant", i.tenant.is_some()), ("cloud", i.cloud.is_some())] {
+            if given {
                 return Err(invalid(
-                    format!("{key}.tenant"),
-                    "must be common, organizations, consumers, a tenant id or a domain",
+                    format!("{key}.{field}"),
+                    "applies only to provider \"microsoft\"",
                 ));
             }
-            t.as_str()
         }
-        (Some(_), _) => {
-            return Err(invalid(
-                format!("{key}.tenant"),
-                "applies only to provider \"microsoft\"",
-            ))
-        }
-        (None, _) => "common",
+    }
+    let tenant = i.tenant.as_deref().unwrap_or("common");
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+    {
+        return Err(invalid(
+            format!("{key}.tenant"),
+            "must be common, organizations, consumers, a tenant id or a domain",
+        ));
+    }
+    let defaults = provider_defaults(i.provider, tenant, i.cloud.unwrap_or(Cloud::Global));
+    let required = |field: &str| {
+        invalid(
+            format!("{key}.{field}"),
+            "is required for a custom provider",
+        )
     };
-    let defaults = provider_defaults(i.provider, tenant);
-    let pick = |given: Option<String>, default: Option<String>, field: &str| {
-        given.or(default).ok_or_else(|| {
-            invalid(
-                format!("{key}.{field}"),
-                "is required for a custom provider",
-            )
-        })
-    };
-    let authorization_endpoint = pick(
-        i.authorization_endpoint,
-        defaults.as_ref().map(|d| d.0.clone()),
-        "authorization_endpoint",
-    )?;
-    let token_endpoint = pick(
-        i.token_endpoint,
-        defaults.as_ref().map(|d| d.1.clone()),
-        "token_endpoint",
-    )?;
-    let scopes = match (i.scopes, defaults) {
+    let authorization_endpoint = i
+        .authorization_endpoint
+        .or_else(|| defaults.as_ref().map(|d| d.authorization.clone()))
+        .ok_or_else(|| required("authorization_endpoint"))?;
+    let token_endpoint = i
+        .token_endpoint
+        .or_else(|| defaults.as_ref().map(|d| d.token.clone()))
+        .ok_or_else(|| required("token_endpoint"))?;
+    let device_endpoint = i
+        .device_authorization_endpoint
+        .or_else(|| defaults.as_ref().and_then(|d| d.device.clone()));
+    let scopes = match (i.scopes, &defaults) {
         (Some(s), _) if !s.is_empty() => s,
         (Some(_), _) => return Err(invalid(format!("{key}.scopes"), "must not be empty")),
-        (None, Some(d)) => d.2,
-        (None, None) => {
-            return Err(invalid(
-                format!("{key}.scopes"),
-                "is required for a custom provider",
-            ))
-        }
+        (None, Some(d)) => d.scopes.clone(),
+        (None, None) => return Err(required("scopes")),
     };
     let client_secret = match (i.client_secret, i.client_secret_file, i.client_secret_env) {
         (None, None, None) => None,
@@ -476,20 +672,143 @@ fn integration(
             ))
         }
     };
+    let client_certificate = match (i.client_certificate_file, i.client_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key_file)) => Some(client_certificate(key, &cert, &key_file)?),
+        _ => {
+            return Err(invalid(
+                format!("{key}.client_certificate_file"),
+                "client_certificate_file and client_key_file go together",
+            ))
+        }
+    };
+    let service_account = i
+        .service_account_file
+        .map(|path| service_account(key, &path))
+        .transpose()?;
+    let client_secret_expires = i
+        .client_secret_expires
+        .map(|d| {
+            unix_date(&d).ok_or_else(|| {
+                invalid(
+                    format!("{key}.client_secret_expires"),
+                    "must be a date, YYYY-MM-DD",
+                )
+            })
+        })
+        .transpose()?;
+    let authorization_endpoint = endpoint(
+        &format!("{key}.authorization_endpoint"),
+        &authorization_endpoint,
+        oauth,
+    )?;
+    let token_endpoint = endpoint(&format!("{key}.token_endpoint"), &token_endpoint, oauth)?;
+    let device_authorization_endpoint = device_endpoint
+        .map(|d| endpoint(&format!("{key}.device_authorization_endpoint"), &d, oauth))
+        .transpose()?;
     Ok(Integration {
+        redirect_path: redirect_path(&name, &authorization_endpoint, &token_endpoint),
         name,
         provider: i.provider,
         description: i.description,
         client_id: i.client_id,
         client_secret: client_secret.map(Secret::new),
+        client_secret_expires,
+        client_certificate,
+        service_account,
         scopes,
-        authorization_endpoint: endpoint(
-            &format!("{key}.authorization_endpoint"),
-            &authorization_endpoint,
-            oauth,
-        )?,
-        token_endpoint: endpoint(&format!("{key}.token_endpoint"), &token_endpoint, oauth)?,
+        authorization_endpoint,
+        token_endpoint,
+        device_authorization_endpoint,
+        default_imap: defaults.as_ref().map(|d| d.imap.clone()),
+        default_pop3: defaults.as_ref().map(|d| d.pop3.clone()),
     })
+}
+
+/// `/oauth2/callback/<integration>-<8 hex digits of SHA-256 over both
+/// endpoints>`: registering it at the provider pins these endpoints, and
+/// changing an endpoint changes the URL.
+fn redirect_path(name: &str, authorization: &Url, token: &Url) -> String {
+    let mut input = Vec::new();
+    input.extend_from_slice(authorization.as_str().as_bytes());
+    input.push(b'\n');
+    input.extend_from_slice(token.as_str().as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("/oauth2/callback/{name}-{hex}")
+}
+
+fn client_certificate(
+    key: &str,
+    cert: &Path,
+    key_file: &Path,
+) -> Result<ClientCertificate, ConfigError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let cert_der = rustls::pki_types::CertificateDer::from_pem_file(cert).map_err(|e| {
+        invalid(
+            format!("{key}.client_certificate_file"),
+            format!("{}: {e}", cert.display()),
+        )
+    })?;
+    let private_key = std::fs::read_to_string(key_file).map_err(|e| {
+        invalid(
+            format!("{key}.client_key_file"),
+            format!("can't read {}: {e}", key_file.display()),
+        )
+    })?;
+    let thumbprint = ring::digest::digest(&ring::digest::SHA256, &cert_der);
+    Ok(ClientCertificate {
+        thumbprint_sha256: thumbprint.as_ref().to_vec(),
+        private_key_pem: Secret::new(private_key),
+    })
+}
+
+fn service_account(key: &str, path: &Path) -> Result<ServiceAccount, ConfigError> {
+    #[derive(serde::Deserialize)]
+    struct Json {
+        client_email: String,
+        private_key: String,
+        private_key_id: Option<String>,
+    }
+    let field = format!("{key}.service_account_file");
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(&field, format!("can't read {}: {e}", path.display())))?;
+    let json: Json = serde_json::from_str(&text).map_err(|e| {
+        invalid(
+            &field,
+            format!("{} is not a service account key: {e}", path.display()),
+        )
+    })?;
+    Ok(ServiceAccount {
+        client_email: json.client_email,
+        private_key_id: json.private_key_id,
+        private_key_pem: Secret::new(json.private_key),
+    })
+}
+
+/// Unix seconds at the start of a `YYYY-MM-DD` day (UTC).
+fn unix_date(date: &str) -> Option<u64> {
+    let mut parts = date.splitn(3, '-');
+    let (y, m, d): (i64, i64, i64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400).ok()
 }
 
 /// An OAuth endpoint: https, or http on loopback when explicitly allowed.
@@ -560,17 +879,38 @@ fn account(
     let imap = upstream_or_default(
         &format!("{key}.imap"),
         a.imap,
-        integration.provider,
-        [("imap.gmail.com", 993), ("outlook.office365.com", 993)],
+        integration.default_imap.as_ref(),
         serves_imap,
     )?;
     let pop3 = upstream_or_default(
         &format!("{key}.pop3"),
         a.pop3,
-        integration.provider,
-        [("pop.gmail.com", 995), ("outlook.office365.com", 995)],
+        integration.default_pop3.as_ref(),
         serves_pop3,
     )?;
+    match a.grant {
+        Grant::JwtBearer if integration.service_account.is_none() => {
+            return Err(invalid(
+                format!("{key}.grant"),
+                format!(
+                    "jwt_bearer needs service_account_file in integration {:?}",
+                    integration.name
+                ),
+            ));
+        }
+        Grant::ClientCredentials
+            if integration.client_secret.is_none() && integration.client_certificate.is_none() =>
+        {
+            return Err(invalid(
+                format!("{key}.grant"),
+                format!(
+                    "client_credentials needs a client secret or certificate in integration {:?}",
+                    integration.name
+                ),
+            ));
+        }
+        _ => {}
+    }
     Ok(Account {
         name,
         username,
@@ -584,24 +924,22 @@ fn account(
     })
 }
 
-/// The configured upstream, or the provider's (`[google, microsoft]`).
-/// A custom provider must give one when a listener serves the protocol.
+/// The configured upstream, or the provider's. A custom provider must give
+/// one when a listener serves the protocol.
 fn upstream_or_default(
     key: &str,
     given: Option<raw::Upstream>,
-    provider: Provider,
-    [google, microsoft]: [(&str, u16); 2],
+    default: Option<&(String, u16)>,
     served: bool,
 ) -> Result<Option<UpstreamServer>, ConfigError> {
-    match (given, provider) {
+    match (given, default) {
         (Some(u), _) => upstream(key, u).map(Some),
-        (None, Provider::Google) => Ok(Some(default_upstream(google.0, google.1))),
-        (None, Provider::Microsoft) => Ok(Some(default_upstream(microsoft.0, microsoft.1))),
-        (None, Provider::Custom) if served => Err(invalid(
+        (None, Some((host, port))) => Ok(Some(default_upstream(host, *port))),
+        (None, None) if served => Err(invalid(
             key,
             "is required for an integration with a custom provider",
         )),
-        (None, Provider::Custom) => Ok(None),
+        (None, None) => Ok(None),
     }
 }
 

@@ -10,6 +10,9 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub state_dir: PathBuf,
+    pub http: Option<Http>,
+    #[serde(default)]
+    pub store: Store,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     pub certificate: Option<Certificate>,
@@ -48,6 +51,27 @@ pub enum ListenerTls {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Http {
+    pub address: String,
+    pub tls: HttpTls,
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpTls {
+    Implicit,
+    Plaintext,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Certificate {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -77,6 +101,9 @@ pub struct OAuth {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub refresh_margin: Option<Duration>,
+    pub notify_command: Option<Vec<String>>,
+    pub notify_url: Option<String>,
+    pub refresh_in_background: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,8 +125,24 @@ pub struct Integration {
     pub client_secret_env: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub tenant: Option<String>,
+    pub cloud: Option<Cloud>,
     pub authorization_endpoint: Option<String>,
     pub token_endpoint: Option<String>,
+    pub device_authorization_endpoint: Option<String>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub service_account_file: Option<PathBuf>,
+    /// The date the client secret expires, `YYYY-MM-DD`.
+    pub client_secret_expires: Option<String>,
+}
+
+/// Microsoft's national clouds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    Global,
+    Usgov,
+    China,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -108,6 +151,7 @@ pub enum Grant {
     #[default]
     AuthorizationCode,
     ClientCredentials,
+    JwtBearer,
 }
 
 #[derive(Debug, Deserialize)]

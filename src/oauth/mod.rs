@@ -1,31 +1,32 @@
-//! OAuth 2.0 tokens: grants through the `oauth2` crate, a per-account cache
-//! with one refresh in flight, and the refresh-token store.
+//! OAuth 2.0 tokens: grants, a per-account cache with one refresh in flight
+//! (in this process, and across processes through the store lock), a
+//! background refresher, and the encrypted token store.
 //!
 //! The server sees one seam: [`Tokens::access_token`], "a valid access token
 //! for this account", and [`Tokens::replace_rejected`] when the upstream
 //! refused one.
 
+pub mod grant;
 mod http;
+mod jwt;
+mod notify;
 mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenType};
-use oauth2::{
-    ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse as _, TokenUrl,
-};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tracing::{info, warn};
 
-pub use http::is_transient_status;
-pub use store::{Record, StoreError, TokenStore};
+pub use http::{is_transient_status, TokenHttp};
+pub use store::{KeySource, Record, StoreError, StoreLock, TokenStore, KEY_ENV};
 
-use http::TokenHttp;
-
-use crate::config::{Account, Config, Grant, Integration, Provider};
+use crate::config::{Account, Config, Grant};
 use crate::secret::Secret;
+use grant::Granted;
+use notify::Notifier;
 
 /// Why no token could be had. Transient failures are worth retrying;
 /// the others need the administrator.
@@ -43,59 +44,101 @@ pub enum TokenError {
     Store(#[from] StoreError),
 }
 
-/// A cached access token.
-#[derive(Clone)]
-struct Cached {
-    token: Secret<String>,
-    /// When the cache stops handing it out: shortly before it expires.
-    use_until: Instant,
+/// The command that fixes an account that needs authorization.
+pub fn fix_command(account: &str) -> String {
+    format!("mailgate authorize {account}")
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One account's token state in this process: a mirror of its store
+/// record, plus when to use and retry.
 #[derive(Default)]
 struct AccountState {
-    /// The store has been read.
+    /// The store file's modification time when last read or written; a
+    /// change means another process (`mailgate authorize`) wrote it.
+    seen: Option<SystemTime>,
     loaded: bool,
-    access: Option<Cached>,
-    /// The newest refresh token, from the store, the config or a rotation.
-    refresh: Option<Secret<String>>,
+    record: Record,
+    /// Until when the stored access token is handed out.
+    use_until: Option<Instant>,
+    /// Background refresher back-off after transient failures.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct AccountTokens {
+    account: Arc<Account>,
+    state: Mutex<AccountState>,
 }
 
 /// Access tokens for every account.
 pub struct Tokens {
     http: TokenHttp,
-    store: TokenStore,
+    store: Arc<TokenStore>,
     refresh_margin: Duration,
-    /// One lock per account: holding it while fetching makes concurrent
-    /// logins wait for the one refresh in flight.
-    accounts: HashMap<String, Mutex<AccountState>>,
+    notifier: Notifier,
+    accounts: HashMap<String, AccountTokens>,
 }
 
-/// An access token lifetime when the provider doesn't say (RFC 6749 §5.1
-/// makes `expires_in` optional; providers use one hour).
-const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Back-off after transient failures: 5 s doubling to 10 minutes, with up
+/// to 50 % jitter so that many accounts don't retry in step.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(5)
+        .saturating_mul(1 << failures.min(7))
+        .min(Duration::from_secs(600));
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    base + base.mul_f64(f64::from(byte[0]) / 255.0 / 2.0)
+}
 
 impl Tokens {
     /// Token state for the accounts of `config`.
     ///
     /// # Errors
-    /// When the HTTP client can't be built.
-    pub fn new(config: &Config, tls: &rustls::ClientConfig) -> Result<Self, reqwest::Error> {
+    /// When the store key can't be had or the HTTP client can't be built.
+    pub fn new(config: &Config, tls: &rustls::ClientConfig) -> Result<Self, TokenError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.oauth.request_timeout)
             .connect_timeout(config.oauth.request_timeout)
             .use_preconfigured_tls(tls.clone())
-            .build()?;
+            .build()
+            .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
+        let store = TokenStore::open(&config.state_dir, &config.store_key)?;
         Ok(Self {
+            notifier: Notifier::new(&config.oauth, http.clone()),
             http: TokenHttp(http),
-            store: TokenStore::new(&config.state_dir),
+            store: Arc::new(store),
             refresh_margin: config.oauth.refresh_margin,
             accounts: config
                 .accounts
-                .keys()
-                .map(|name| (name.clone(), Mutex::default()))
+                .iter()
+                .map(|(name, a)| {
+                    (
+                        name.clone(),
+                        AccountTokens {
+                            account: a.clone(),
+                            state: Mutex::default(),
+                        },
+                    )
+                })
                 .collect(),
         })
+    }
+
+    /// The store, for the commands that read it.
+    pub fn store(&self) -> &TokenStore {
+        &self.store
+    }
+
+    /// The HTTP client for token requests.
+    pub fn http(&self) -> &TokenHttp {
+        &self.http
     }
 
     /// A valid access token for `account`, from the cache or a fresh grant.
@@ -103,15 +146,16 @@ impl Tokens {
     /// # Errors
     /// When no token can be had; see [`TokenError`].
     pub async fn access_token(&self, account: &Account) -> Result<Secret<String>, TokenError> {
-        let mut state = self.lock(account).await?;
-        if let Some(cached) = state
-            .access
-            .as_ref()
-            .filter(|c| c.use_until > Instant::now())
-        {
-            return Ok(cached.token.clone());
+        let entry = self.entry(account)?;
+        let mut state = entry.state.lock().await;
+        self.sync(account, &mut state)?;
+        if let Some(token) = usable(&state) {
+            return Ok(token);
         }
-        self.fetch(account, &mut state).await
+        if let Some(why) = &state.record.needs_authorization {
+            return Err(TokenError::NeedsAuthorization(why.clone()));
+        }
+        self.refresh(&entry.account, &mut state, None).await
     }
 
     /// The upstream refused `rejected`: a new token, unless another login
@@ -124,50 +168,141 @@ impl Tokens {
         account: &Account,
         rejected: &Secret<String>,
     ) -> Result<Secret<String>, TokenError> {
-        let mut state = self.lock(account).await?;
-        match &state.access {
-            Some(cached) if cached.token != *rejected && cached.use_until > Instant::now() => {
-                Ok(cached.token.clone())
-            }
+        let entry = self.entry(account)?;
+        let mut state = entry.state.lock().await;
+        self.sync(account, &mut state)?;
+        match usable(&state) {
+            Some(token) if token != *rejected => Ok(token),
             _ => {
-                state.access = None;
-                self.fetch(account, &mut state).await
+                self.refresh(&entry.account, &mut state, Some(rejected))
+                    .await
             }
         }
     }
 
-    async fn lock(
-        &self,
-        account: &Account,
-    ) -> Result<tokio::sync::MutexGuard<'_, AccountState>, TokenError> {
-        let Some(mutex) = self.accounts.get(&account.name) else {
-            return Err(TokenError::NeedsAuthorization(format!(
-                "unknown account {}",
-                account.name
-            )));
-        };
-        let mut state = mutex.lock().await;
-        if !state.loaded {
-            let record = self.store.load(&account.name)?.unwrap_or_default();
-            state.refresh = record
-                .refresh_token
-                .map(Secret::new)
-                .or_else(|| account.refresh_token.clone());
-            if let Some(token) = record.access_token {
-                let now = unix_now();
-                let lifetime =
-                    Duration::from_secs(record.expires_at.saturating_sub(record.obtained_at));
-                let usable_until = record.obtained_at + self.usable(lifetime).as_secs();
-                if usable_until > now {
-                    state.access = Some(Cached {
-                        token: Secret::new(token),
-                        use_until: Instant::now() + Duration::from_secs(usable_until - now),
-                    });
+    /// Refreshes now, whatever the cache holds (`mailgate test`).
+    ///
+    /// # Errors
+    /// When no token can be had; see [`TokenError`].
+    pub async fn force_refresh(&self, account: &Account) -> Result<Secret<String>, TokenError> {
+        let entry = self.entry(account)?;
+        let mut state = entry.state.lock().await;
+        self.sync(account, &mut state)?;
+        state.use_until = None;
+        let current = state.record.access_token.clone().map(Secret::new);
+        self.refresh(&entry.account, &mut state, current.as_ref())
+            .await
+    }
+
+    /// Stores the tokens of a completed authorization and clears any
+    /// needs-authorization mark. Gateways pick them up without a restart.
+    ///
+    /// # Errors
+    /// When the store can't be written.
+    pub async fn install(&self, account: &Account, granted: Granted) -> Result<(), TokenError> {
+        let entry = self.entry(account)?;
+        let mut state = entry.state.lock().await;
+        let _lock = self.lock_store(&account.name).await?;
+        self.sync(account, &mut state)?;
+        let started = Instant::now();
+        self.store_granted(account, &mut state, granted, started)
+            .await?;
+        info!(account = %account.name, "authorized");
+        Ok(())
+    }
+
+    /// Refreshes the accounts that are due and returns how long to wait
+    /// before the next one is. Accounts that are busy, need authorization,
+    /// or wait out a back-off are skipped.
+    pub async fn refresh_due(&self) -> Duration {
+        let mut next = Instant::now() + Duration::from_secs(60);
+        for entry in self.accounts.values() {
+            let Ok(mut state) = entry.state.try_lock() else {
+                continue;
+            };
+            if let Err(e) = self.sync(&entry.account, &mut state) {
+                warn!(account = %entry.account.name, error = %e, "token store unreadable");
+                continue;
+            }
+            if state.record.needs_authorization.is_some() {
+                continue;
+            }
+            let now = Instant::now();
+            if let Some(until) = state.use_until.filter(|u| *u > now) {
+                next = next.min(until);
+                continue;
+            }
+            if let Some(at) = state.retry_at.filter(|a| *a > now) {
+                next = next.min(at);
+                continue;
+            }
+            match self.refresh(&entry.account, &mut state, None).await {
+                Ok(_) => {
+                    state.failures = 0;
+                    state.retry_at = None;
+                    if let Some(until) = state.use_until {
+                        next = next.min(until);
+                    }
+                }
+                Err(TokenError::NeedsAuthorization(_)) => {}
+                Err(e) => {
+                    state.failures += 1;
+                    let wait = backoff(state.failures - 1);
+                    warn!(account = %entry.account.name, error = %e, retry_in_s = wait.as_secs(), "token refresh failed; will retry");
+                    let at = Instant::now() + wait;
+                    state.retry_at = Some(at);
+                    next = next.min(at);
                 }
             }
-            state.loaded = true;
         }
-        Ok(state)
+        next.saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    }
+
+    /// Runs [`Tokens::refresh_due`] until `shutdown` fires.
+    pub async fn run_refresher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let wait = self.refresh_due().await;
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn entry(&self, account: &Account) -> Result<&AccountTokens, TokenError> {
+        self.accounts.get(&account.name).ok_or_else(|| {
+            TokenError::NeedsAuthorization(format!("unknown account {}", account.name))
+        })
+    }
+
+    /// Reloads the record when the store file changed under us. A refresh
+    /// token in the config seeds an account that has none stored.
+    fn sync(&self, account: &Account, state: &mut AccountState) -> Result<(), StoreError> {
+        let modified = self.store.modified(&account.name);
+        if state.loaded && modified == state.seen {
+            return Ok(());
+        }
+        let mut record = self.store.load(&account.name)?.unwrap_or_default();
+        if record.refresh_token.is_none() && account.grant == Grant::AuthorizationCode {
+            record.refresh_token = account.refresh_token.as_ref().map(|t| t.expose().clone());
+        }
+        state.use_until = record.access_token.as_ref().and_then(|_| {
+            let lifetime =
+                Duration::from_secs(record.expires_at.saturating_sub(record.obtained_at));
+            let usable_until = record.obtained_at + self.usable(lifetime).as_secs();
+            let left = usable_until.checked_sub(unix_now())?;
+            Some(Instant::now() + Duration::from_secs(left))
+        });
+        if state.record.needs_authorization.is_some() && record.needs_authorization.is_none() {
+            // Re-authorized elsewhere: forget the back-off too.
+            state.failures = 0;
+            state.retry_at = None;
+        }
+        state.record = record;
+        state.seen = modified;
+        state.loaded = true;
+        Ok(())
     }
 
     /// How long a token of `lifetime` is handed out: until `refresh_margin`
@@ -178,116 +313,109 @@ impl Tokens {
             .unwrap_or(lifetime / 2)
     }
 
-    async fn fetch(
+    async fn lock_store(&self, name: &str) -> Result<StoreLock, TokenError> {
+        let store = self.store.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || store.lock(&name))
+            .await
+            .map_err(|e| TokenError::Transient(format!("store lock task: {e}")))?
+            .map_err(TokenError::from)
+    }
+
+    async fn save(&self, name: &str, state: &mut AccountState) -> Result<(), TokenError> {
+        let store = self.store.clone();
+        let (name, record) = (name.to_owned(), state.record.clone());
+        let name2 = name.clone();
+        tokio::task::spawn_blocking(move || store.save(&name, &record))
+            .await
+            .map_err(|e| TokenError::Transient(format!("store write task: {e}")))??;
+        state.seen = self.store.modified(&name2);
+        Ok(())
+    }
+
+    /// One token request under the account's store lock, so that no other
+    /// process refreshes with the same refresh token meanwhile. `stale` is
+    /// a token known to be bad: if the store holds another usable one by
+    /// the time we have the lock, that one is used without a request.
+    async fn refresh(
         &self,
         account: &Account,
         state: &mut AccountState,
+        stale: Option<&Secret<String>>,
     ) -> Result<Secret<String>, TokenError> {
-        let integration = &account.integration;
-        let client = oauth_client(integration);
-        let scopes = integration.scopes.iter().map(|s| Scope::new(s.clone()));
+        let _lock = self.lock_store(&account.name).await?;
+        self.sync(account, state)?;
+        if let Some(token) = usable(state).filter(|t| Some(t) != stale) {
+            return Ok(token);
+        }
         let started = Instant::now();
-        let response = match account.grant {
-            Grant::AuthorizationCode => {
-                let refresh = state.refresh.clone().ok_or_else(|| {
-                    TokenError::NeedsAuthorization("no refresh token stored".into())
-                })?;
-                let refresh_token = RefreshToken::new(refresh.expose().clone());
-                let mut request = client.exchange_refresh_token(&refresh_token);
-                // RFC 6749 §6 makes scope optional on refresh and servers
-                // reject any scope the grant lacks; Microsoft's v2 endpoint
-                // documents it as required. Send it only there.
-                if integration.provider == Provider::Microsoft {
-                    request = request.add_scopes(scopes);
+        let refresh_token = state.record.refresh_token.clone().map(Secret::new);
+        let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
+        match result {
+            Ok(granted) => self.store_granted(account, state, granted, started).await,
+            Err(TokenError::NeedsAuthorization(why)) => {
+                let first = state.record.needs_authorization.is_none();
+                state.record.needs_authorization = Some(why.clone());
+                state.record.last_error = Some(why.clone());
+                self.save(&account.name, state).await?;
+                warn!(
+                    account = %account.name,
+                    reason = %why,
+                    fix = %fix_command(&account.name),
+                    "account needs authorization; its tokens are kept"
+                );
+                if first {
+                    self.notifier.needs_authorization(account, &why);
                 }
-                request.request_async(&self.http).await.map_err(classify)?
+                Err(TokenError::NeedsAuthorization(why))
             }
-            Grant::ClientCredentials => client
-                .exchange_client_credentials()
-                .add_scopes(scopes)
-                .request_async(&self.http)
-                .await
-                .map_err(classify)?,
-        };
-        if *response.token_type() != BasicTokenType::Bearer {
-            return Err(TokenError::NeedsAuthorization(format!(
-                "token endpoint issued a {:?} token, not Bearer",
-                response.token_type()
-            )));
-        }
-        let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME);
-        let token = Secret::new(response.access_token().secret().clone());
-        if let Some(rotated) = response.refresh_token() {
-            state.refresh = Some(Secret::new(rotated.secret().clone()));
-        }
-        // The tokens are stored before the new access token is used: a
-        // rotated refresh token is the only valid one from now on.
-        let obtained_at = unix_now();
-        let record = Record {
-            refresh_token: state.refresh.as_ref().map(|r| r.expose().clone()),
-            access_token: Some(token.expose().clone()),
-            obtained_at,
-            expires_at: obtained_at + lifetime.as_secs(),
-        };
-        self.store.save(&account.name, &record)?;
-        state.access = Some(Cached {
-            token: token.clone(),
-            use_until: started + self.usable(lifetime),
-        });
-        tracing::info!(account = %account.name, lifetime_s = lifetime.as_secs(), "access token obtained");
-        Ok(token)
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn oauth_client(
-    integration: &Integration,
-) -> BasicClient<
-    oauth2::EndpointNotSet,
-    oauth2::EndpointNotSet,
-    oauth2::EndpointNotSet,
-    oauth2::EndpointNotSet,
-    oauth2::EndpointSet,
-> {
-    let client = BasicClient::new(ClientId::new(integration.client_id.clone()))
-        .set_token_uri(TokenUrl::from_url(integration.token_endpoint.clone()));
-    match &integration.client_secret {
-        Some(secret) => client.set_client_secret(ClientSecret::new(secret.expose().clone())),
-        None => client,
-    }
-}
-
-/// Sorts a token endpoint failure into transient and permanent.
-fn classify(
-    err: RequestTokenError<http::HttpError, oauth2::basic::BasicErrorResponse>,
-) -> TokenError {
-    match err {
-        RequestTokenError::ServerResponse(response) => {
-            let code = response.error();
-            let message = match response.error_description() {
-                Some(d) => format!("{code}: {d}"),
-                None => code.to_string(),
-            };
-            match code {
-                BasicErrorResponseType::Extension(e)
-                    if e == "temporarily_unavailable" || e == "server_error" =>
-                {
-                    TokenError::Transient(message)
+            Err(e) => {
+                state.record.last_error = Some(e.to_string());
+                // Best effort: the error is what matters to the caller.
+                if let Err(store) = self.save(&account.name, state).await {
+                    warn!(account = %account.name, error = %store, "can't record the failure");
                 }
-                _ => TokenError::NeedsAuthorization(message),
+                Err(e)
             }
         }
-        RequestTokenError::Request(e) => TokenError::Transient(e.to_string()),
-        RequestTokenError::Parse(e, _) => {
-            TokenError::Transient(format!("unreadable token response: {e}"))
-        }
-        RequestTokenError::Other(e) => TokenError::Transient(e),
     }
+
+    /// Stores new tokens before anyone uses them: a rotated refresh token
+    /// is the only valid one from now on (RFC 6819 §5.2.2.3).
+    async fn store_granted(
+        &self,
+        account: &Account,
+        state: &mut AccountState,
+        granted: Granted,
+        started: Instant,
+    ) -> Result<Secret<String>, TokenError> {
+        let now = unix_now();
+        let record = &mut state.record;
+        if let Some(rotated) = granted.refresh_token {
+            record.refresh_token = Some(rotated.expose().clone());
+        }
+        if account.grant != Grant::AuthorizationCode {
+            record.refresh_token = None;
+        }
+        record.access_token = Some(granted.access_token.expose().clone());
+        record.obtained_at = now;
+        record.expires_at = now + granted.lifetime.as_secs();
+        record.last_refresh = now;
+        record.last_error = None;
+        record.needs_authorization = None;
+        self.save(&account.name, state).await?;
+        state.use_until = Some(started + self.usable(granted.lifetime));
+        info!(account = %account.name, lifetime_s = granted.lifetime.as_secs(), "access token obtained");
+        Ok(granted.access_token)
+    }
+}
+
+fn usable(state: &AccountState) -> Option<Secret<String>> {
+    let token = state.record.access_token.as_ref()?;
+    state
+        .use_until
+        .filter(|u| *u > Instant::now())
+        .map(|_| Secret::new(token.clone()))
 }
 
 /// Shared handle.

@@ -2,16 +2,15 @@
 //! upstream login and the relay.
 
 mod connection;
+pub mod probe;
 mod stream;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::account::Accounts;
@@ -25,10 +24,10 @@ use upstream::{LoggedIn, UpstreamError};
 pub struct Gateway {
     config: Arc<Config>,
     accounts: Arc<Accounts>,
-    tokens: Tokens,
+    tokens: Arc<Tokens>,
     acceptor: TlsAcceptor,
     /// One connector per extra CA file (`None`: webpki roots only).
-    connectors: HashMap<Option<PathBuf>, TlsConnector>,
+    connectors: upstream::Connectors,
 }
 
 impl Gateway {
@@ -36,9 +35,9 @@ impl Gateway {
     pub fn new(
         config: Arc<Config>,
         accounts: Arc<Accounts>,
-        tokens: Tokens,
+        tokens: Arc<Tokens>,
         acceptor: TlsAcceptor,
-        connectors: HashMap<Option<PathBuf>, TlsConnector>,
+        connectors: upstream::Connectors,
     ) -> Self {
         Self {
             config,
@@ -131,14 +130,15 @@ impl Gateway {
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
         let login = async {
+            let connected = upstream::connect(server, connector).await?;
             match protocol {
                 Protocol::Imap => {
                     let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
-                    upstream::login(server, connector, login).await
+                    upstream::login(connected, connector, login).await
                 }
                 Protocol::Pop3 => {
                     let login = crate::pop3::Upstream::new(&account.mailbox, token, server.tls);
-                    upstream::login(server, connector, login).await
+                    upstream::login(connected, connector, login).await
                 }
             }
         };

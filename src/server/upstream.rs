@@ -1,7 +1,6 @@
 //! Dialling the upstream and driving our XOAUTH2 login there.
 
 use std::io;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
@@ -49,19 +48,21 @@ impl From<UpstreamFailure> for UpstreamError {
     }
 }
 
-/// Connects to `server` and runs `login` over the connection.
+/// A connection to an upstream, before our login.
+pub struct Connected {
+    stream: UpstreamStream,
+    name: ServerName<'static>,
+    address: String,
+}
+
+/// Dials `server`; with implicit TLS, also does the handshake.
 ///
 /// # Errors
-/// See [`UpstreamError`]. The caller bounds the whole call with a timeout.
-///
-/// # Cancel safety
-/// Not cancel safe: dropping it drops the half-open connection, which is
-/// what a timeout wants.
-pub async fn login<L: UpstreamLogin>(
+/// [`UpstreamError::Connect`] or [`UpstreamError::Tls`].
+pub async fn connect(
     server: &UpstreamServer,
     connector: &TlsConnector,
-    mut login: L,
-) -> Result<LoggedIn, UpstreamError> {
+) -> Result<Connected, UpstreamError> {
     let address = format!("{}:{}", server.host, server.port);
     let name = ServerName::try_from(server.host.clone()).map_err(|e| {
         UpstreamError::Connect(
@@ -73,7 +74,7 @@ pub async fn login<L: UpstreamLogin>(
         .await
         .map_err(|e| UpstreamError::Connect(address.clone(), e))?;
     tcp.set_nodelay(true)?;
-    let mut stream: UpstreamStream = match server.tls {
+    let stream = match server.tls {
         UpstreamTls::Implicit => Stream::Tls(Box::new(
             connector
                 .connect(name.clone(), tcp)
@@ -82,6 +83,31 @@ pub async fn login<L: UpstreamLogin>(
         )),
         UpstreamTls::StartTls => Stream::Plain(tcp),
     };
+    Ok(Connected {
+        stream,
+        name,
+        address,
+    })
+}
+
+/// Runs our XOAUTH2 `login` over a fresh connection.
+///
+/// # Errors
+/// See [`UpstreamError`]. The caller bounds the whole call with a timeout.
+///
+/// # Cancel safety
+/// Not cancel safe: dropping it drops the half-open connection, which is
+/// what a timeout wants.
+pub async fn login<L: UpstreamLogin>(
+    connected: Connected,
+    connector: &TlsConnector,
+    mut login: L,
+) -> Result<LoggedIn, UpstreamError> {
+    let Connected {
+        mut stream,
+        name,
+        address,
+    } = connected;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         while let Some(action) = login.next_action() {
@@ -122,7 +148,59 @@ pub async fn login<L: UpstreamLogin>(
     }
 }
 
-/// A TLS connector per distinct extra CA, built once.
-pub fn connector(config: Arc<rustls::ClientConfig>) -> TlsConnector {
-    TlsConnector::from(config)
+/// Ends a logged-in session politely: `LOGOUT` or `QUIT`, and waits for
+/// the answer (`mailgate test`'s last step).
+///
+/// # Errors
+/// When the upstream doesn't answer as expected.
+pub async fn logout(
+    logged_in: LoggedIn,
+    protocol: crate::config::Protocol,
+) -> Result<(), UpstreamError> {
+    let mut stream = logged_in.stream;
+    let (command, done): (&[u8], &[u8]) = match protocol {
+        crate::config::Protocol::Imap => (b"z LOGOUT\r\n", b"z OK"),
+        crate::config::Protocol::Pop3 => (b"QUIT\r\n", b"+OK"),
+    };
+    stream.write_all(command).await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::from(&logged_in.to_client[..]);
+    loop {
+        if buf[..].split(|&b| b == b'\n').any(|l| l.starts_with(done)) {
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(UpstreamError::Protocol("no answer to the logout".into()));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
 }
+
+/// One TLS connector per distinct extra CA file (`None`: webpki roots
+/// only), built once for every upstream of `config`.
+///
+/// # Errors
+/// When a CA file can't be read or holds no certificate.
+pub fn connectors(config: &crate::config::Config) -> Result<Connectors, crate::tls::TlsError> {
+    let mut connectors = Connectors::new();
+    let upstreams = config
+        .accounts
+        .values()
+        .flat_map(|a| [a.imap.as_ref(), a.pop3.as_ref()])
+        .flatten();
+    for server in upstreams {
+        if let std::collections::hash_map::Entry::Vacant(entry) =
+            connectors.entry(server.ca_file.clone())
+        {
+            let tls = crate::tls::client(entry.key().as_deref())?;
+            entry.insert(TlsConnector::from(tls));
+        }
+    }
+    Ok(connectors)
+}
+
+/// TLS connectors by extra CA file.
+pub type Connectors = std::collections::HashMap<Option<std::path::PathBuf>, TlsConnector>;

@@ -9,15 +9,24 @@ Usage:
   authorize.py --issuer URL --client-id ID --client-secret S --user EMAIL
                [--scope "openid offline_access mail"]
                [--redirect-uri http://127.0.0.1/oauth/callback]
+  authorize.py --url AUTHORIZATION_URL [--user EMAIL]
+The second form plays the browser for an authorization URL built by someone
+else (e.g. printed by `mailgate authorize`): it adds login_hint=EMAIL if the
+URL has none, follows the redirects, and prints on stdout the first redirect
+target that starts with the URL's redirect_uri (it carries code, state and iss,
+or error). That URL is neither requested nor redeemed. Exit status 0.
 Exit status is non-zero (with a message on stderr) on any error, e.g. when the
-authorization is refused (user deny@example.test gives access_denied).
+authorization is refused (user deny@example.test gives access_denied; in --url
+mode that is a normal redirect, printed with exit status 0).
 Python 3 standard library only.
 """
 import argparse
 import base64
 import hashlib
+import html
 import http.cookiejar
 import json
+import re
 import secrets
 import sys
 import urllib.error
@@ -41,9 +50,14 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def http_error_body(e):
     try:
-        return e.read().decode("utf-8", "replace")[:500]
+        body = e.read().decode("utf-8", "replace")
     except Exception:  # noqa: BLE001
         return ""
+    # oidc-provider's HTML error page: <pre><strong>error</strong>: ...</pre>
+    fields = re.findall(r"<pre><strong>(\w+)</strong>: (.*?)</pre>", body)
+    if fields:
+        return "; ".join(f"{k}: {html.unescape(v)}" for k, v in fields)
+    return body[:500]
 
 
 def same_endpoint(url, redirect_uri):
@@ -55,20 +69,77 @@ def same_endpoint(url, redirect_uri):
     return a.port == b.port or a.hostname in ("127.0.0.1", "::1", "localhost")
 
 
+def follow(opener, url, is_target, timeout):
+    """GET url and follow redirects by hand (the opener keeps cookies) until a
+    redirect target satisfies is_target; return that target (not requested)."""
+    for _ in range(MAX_REDIRECTS):
+        if is_target(url):
+            return url
+        try:
+            resp = opener.open(url, timeout=timeout)
+            status, headers, body = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as e:
+            status, headers, body = e.code, e.headers, None
+            if status not in (301, 302, 303, 307, 308):
+                fail(f"GET {urllib.parse.urlsplit(url).path} -> HTTP {status}: {http_error_body(e)}")
+        except urllib.error.URLError as e:
+            fail(f"GET {url} failed: {e}")
+        location = headers.get("Location")
+        if status not in (301, 302, 303, 307, 308) or not location:
+            snippet = (body or b"").decode("utf-8", "replace")[:500]
+            fail(f"expected a redirect from {urllib.parse.urlsplit(url).path}, got HTTP {status}: {snippet}")
+        url = urllib.parse.urljoin(url, location)
+    fail(f"no redirect to the redirect_uri after {MAX_REDIRECTS} hops")
+
+
+def url_mode(args, opener):
+    """--url: play the browser for a ready-made authorization URL."""
+    url = args.url
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    redirect_uri = query.get("redirect_uri")
+    if not redirect_uri:
+        fail("--url has no redirect_uri parameter")
+    if "login_hint" not in query:
+        if not args.user:
+            fail("--url has no login_hint; give --user EMAIL")
+        url = url.split("#", 1)[0]
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"login_hint": args.user})
+    ru = urllib.parse.urlsplit(redirect_uri)
+
+    def is_target(u):
+        if u.startswith(redirect_uri):
+            return True
+        a = urllib.parse.urlsplit(u)  # same URL up to normalisation (e.g. :80)
+        return (a.scheme, a.hostname, a.port or 80, a.path) == (ru.scheme, ru.hostname, ru.port or 80, ru.path)
+
+    final = follow(opener, url, is_target, args.timeout)
+    error = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(final).query)).get("error")
+    if error:
+        print(f"authorize.py: note: the authorization response carries error={error}", file=sys.stderr)
+    print(final)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--issuer", required=True)
-    ap.add_argument("--client-id", required=True)
-    ap.add_argument("--client-secret", required=True)
-    ap.add_argument("--user", required=True, help="login_hint, e.g. alice@example.test")
+    ap.add_argument("--url", help="complete authorization URL: print the redirect to its redirect_uri")
+    ap.add_argument("--issuer")
+    ap.add_argument("--client-id")
+    ap.add_argument("--client-secret")
+    ap.add_argument("--user", help="login_hint, e.g. alice@example.test")
     ap.add_argument("--scope", default="openid offline_access mail")
     ap.add_argument("--redirect-uri", default="http://127.0.0.1/oauth/callback")
     ap.add_argument("--timeout", type=float, default=15.0)
     args = ap.parse_args()
 
-    issuer = args.issuer.rstrip("/")
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect())
+    if args.url:
+        return url_mode(args, opener)
+    missing = [f"--{a.replace('_', '-')}" for a in ("issuer", "client_id", "client_secret", "user")
+               if not getattr(args, a)]
+    if missing:
+        ap.error(f"the following arguments are required without --url: {', '.join(missing)}")
+    issuer = args.issuer.rstrip("/")
 
     # Discovery.
     try:
@@ -96,27 +167,8 @@ def main():
     url = f"{meta['authorization_endpoint']}?{query}"
 
     # Follow redirects by hand (keeping cookies) until we reach redirect_uri.
-    params = None
-    for _ in range(MAX_REDIRECTS):
-        if same_endpoint(url, args.redirect_uri):
-            params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-            break
-        try:
-            resp = opener.open(url, timeout=args.timeout)
-            status, headers, body = resp.status, resp.headers, resp.read()
-        except urllib.error.HTTPError as e:
-            status, headers, body = e.code, e.headers, None
-            if status not in (301, 302, 303, 307, 308):
-                fail(f"GET {urllib.parse.urlsplit(url).path} -> HTTP {status}: {http_error_body(e)}")
-        except urllib.error.URLError as e:
-            fail(f"GET {url} failed: {e}")
-        location = headers.get("Location")
-        if status not in (301, 302, 303, 307, 308) or not location:
-            snippet = (body or b"").decode("utf-8", "replace")[:500]
-            fail(f"expected a redirect from {urllib.parse.urlsplit(url).path}, got HTTP {status}: {snippet}")
-        url = urllib.parse.urljoin(url, location)
-    if params is None:
-        fail(f"no redirect to {args.redirect_uri} after {MAX_REDIRECTS} hops")
+    url = follow(opener, url, lambda u: same_endpoint(u, args.redirect_uri), args.timeout)
+    params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
 
     if params.get("state") != state:
         fail("state mismatch in the authorization response")

@@ -6,22 +6,29 @@ Checks: authorization-code flow, IMAPS / IMAP+STARTTLS / POP3S / POP3+STLS
 logins with XOAUTH2 and OAUTHBEARER, mailbox contents equal the seed files
 byte for byte, refresh-token rotation, client_credentials (app@example.test),
 5-second mailgate-short tokens expiring, revoked tokens rejected, a refused
-authorization (deny@example.test), no auth penalty after failed logins, and N
-concurrent sessions. Prints the raw bytes Dovecot sends when it rejects a
-token. Seeds app@example.test (via ./seed) if needed. Exits non-zero on failure.
+authorization (deny@example.test), no auth penalty after failed logins,
+loopback redirect URIs on any port and path (authorize.py --redirect-uri and
+--url), the device flow completed by device.py, private_key_jwt client
+authentication (mailgate-jwt), the JWT bearer grant of the service account,
+and N concurrent sessions. Prints the raw bytes Dovecot sends when it rejects
+a token. Seeds app@example.test (via ./seed) if needed. Exits non-zero on
+failure. Signs JWTs with the `openssl` command.
 """
 import argparse
 import base64
 import concurrent.futures
 import glob
+import hashlib
 import imaplib
 import json
 import os
 import poplib
+import secrets
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -47,6 +54,21 @@ def oauthbearer(user, token):
     return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
 
 
+def b64u(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_rs256(header, claims, key_pem):
+    """Compact JWS, RS256, signed with `openssl dgst -sha256 -sign` (key_pem: PEM text)."""
+    signing_input = f"{b64u(json.dumps(header).encode())}.{b64u(json.dumps(claims).encode())}"
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write(key_pem)
+        f.flush()
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", f.name], input=signing_input.encode(),
+                             capture_output=True, check=True).stdout
+    return f"{signing_input}.{b64u(sig)}"
+
+
 class Harness:
     def __init__(self, d):
         with open(os.path.join(d, "harness.json")) as f:
@@ -56,10 +78,13 @@ class Harness:
         self.seeds = [open(p, "rb").read() for p in sorted(glob.glob(os.path.join(self.env["SEED_DIR"], "*.eml")))]
 
     # ---- OAuth ----
-    def post(self, url, form, client, secret):
-        basic = base64.b64encode(f"{client}:{secret}".encode()).decode()
+    def post(self, url, form, client=None, secret=None):
+        """POST a form, with client_secret_basic if client is given."""
+        headers = {}
+        if client:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{client}:{secret}".encode()).decode()
         req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST",
-                                     headers={"Authorization": f"Basic {basic}"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=15) as r:
                 body = r.read()
@@ -67,11 +92,16 @@ class Harness:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def authorize(self, user, client="mailgate-test", secret="mailgate-test-secret"):
+    def authorize(self, user, client="mailgate-test", secret="mailgate-test-secret", extra=()):
         p = subprocess.run([sys.executable, os.path.join(HERE, "authorize.py"), "--issuer", self.env["OAUTH_ISSUER"],
-                            "--client-id", client, "--client-secret", secret, "--user", user],
+                            "--client-id", client, "--client-secret", secret, "--user", user, *extra],
                            capture_output=True, text=True, timeout=60)
         return p.returncode, (json.loads(p.stdout) if p.returncode == 0 else p.stderr.strip())
+
+    def script(self, name, *args):
+        p = subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
+                           timeout=60)
+        return p.returncode, p.stdout.strip(), p.stderr.strip()
 
     # ---- IMAP ----
     def imaps(self):
@@ -331,6 +361,83 @@ def main():
     st, dv = h.post(E["OAUTH_DEVICE_URL"], {"scope": "openid mail", "login_hint": "alice@example.test"},
                     "mailgate-test", "mailgate-test-secret")
     check(st == 200 and "device_code" in dv and "user_code" in dv, "device authorization endpoint issues codes")
+
+    # Loopback redirect URIs: any port, any path, 127.0.0.1 or localhost.
+    for ru in ("http://127.0.0.1:45678/oauth2/callback/gmail-3fa9c1", "http://localhost:8080/oauth2/callback/x-1"):
+        rc, t = h.authorize("alice@example.test", extra=("--redirect-uri", ru))
+        check(rc == 0 and "access_token" in t, f"authorize.py --redirect-uri {ru}")
+    verifier = secrets.token_urlsafe(32)
+    ru = "http://127.0.0.1:41999/oauth2/callback/test-0a1b2c"
+    auth_url = E["OAUTH_AUTH_URL"] + "?" + urllib.parse.urlencode({
+        "response_type": "code", "client_id": "mailgate-test", "redirect_uri": ru, "state": "st-1",
+        "scope": "openid offline_access mail", "code_challenge_method": "S256",
+        "code_challenge": b64u(hashlib.sha256(verifier.encode()).digest())})
+    rc, out, err = h.script("authorize.py", "--url", auth_url, "--user", "bob@example.test")
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(out).query))
+    check(rc == 0 and out.startswith(ru + "?") and q.get("state") == "st-1" and "code" in q,
+          "authorize.py --url prints the redirect to the URL's redirect_uri (code, state)")
+    st, t = h.post(E["OAUTH_TOKEN_URL"], {"grant_type": "authorization_code", "code": q.get("code"),
+                                          "redirect_uri": ru, "code_verifier": verifier},
+                   "mailgate-test", "mailgate-test-secret")
+    c = h.imap_login("bob@example.test", t.get("access_token", ""))
+    check(st == 200 and c is not None, "... and its code redeems to a token that logs in bob")
+    c.logout()
+    rc, out, err = h.script("authorize.py", "--url", auth_url.replace("127.0.0.1%3A41999", "example.com"),
+                            "--user", "bob@example.test")
+    check(rc == 1 and "invalid_redirect_uri" in err, "a non-loopback redirect_uri is refused (invalid_redirect_uri)")
+
+    # Device flow completed by device.py (no login_hint in the request).
+    st, dv = h.post(E["OAUTH_DEVICE_URL"], {"scope": "openid offline_access mail"},
+                    "mailgate-test", "mailgate-test-secret")
+    poll = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": dv["device_code"]}
+    polls = [h.post(E["OAUTH_TOKEN_URL"], poll, "mailgate-test", "mailgate-test-secret") for _ in range(3)]
+    check(all(st == 400 and r.get("error") == "authorization_pending" for st, r in polls),
+          "3 immediate device polls: authorization_pending each (oidc-provider never sends slow_down)")
+    rc, out, err = h.script("device.py", "--issuer", E["OAUTH_ISSUER"], "--user-code", dv["user_code"],
+                            "--user", "bob@example.test")
+    check(rc == 0, f"device.py approves user code {dv['user_code']} as bob")
+    st, dt = h.post(E["OAUTH_TOKEN_URL"], poll, "mailgate-test", "mailgate-test-secret")
+    check(st == 200 and "refresh_token" in dt, "device poll after device.py returns access + refresh tokens")
+    c = h.imap_login("bob@example.test", dt["access_token"])
+    check(c is not None, "device-flow access token logs in bob")
+    c.logout()
+
+    # private_key_jwt client mailgate-jwt: client_credentials -> app@example.test.
+    der = ssl.PEM_cert_to_DER_cert(open(E["CLIENT_JWT_CERT"]).read())
+
+    def client_assertion(aud):
+        now = int(time.time())
+        return jwt_rs256({"alg": "RS256", "typ": "JWT", "x5t#S256": b64u(hashlib.sha256(der).digest())},
+                         {"iss": E["CLIENT_JWT_ID"], "sub": E["CLIENT_JWT_ID"], "aud": aud, "jti": secrets.token_hex(16),
+                          "nbf": now, "iat": now, "exp": now + 300}, open(E["CLIENT_JWT_KEY"]).read())
+
+    cat = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    for aud in (E["OAUTH_TOKEN_URL"], E["OAUTH_ISSUER"]):
+        a = client_assertion(aud)
+        st, cj = h.post(E["OAUTH_TOKEN_URL"], {"grant_type": "client_credentials", "scope": "mail",
+                                               "client_assertion_type": cat, "client_assertion": a})
+        c = h.imap_login("app@example.test", cj.get("access_token", ""))
+        check(st == 200 and c is not None, f"private_key_jwt (aud {aud}) token logs in as app@example.test")
+        c.logout()
+    st, r = h.post(E["OAUTH_TOKEN_URL"], {"grant_type": "client_credentials", "client_assertion_type": cat,
+                                          "client_assertion": a})
+    check(st == 401 and r.get("error") == "invalid_client", "a replayed client assertion (same jti) is invalid_client")
+
+    # JWT bearer grant (Google-style service account), no client authentication.
+    sa = json.load(open(E["SERVICE_ACCOUNT_JSON"]))
+    now = int(time.time())
+    a = jwt_rs256({"alg": "RS256", "typ": "JWT", "kid": sa["private_key_id"]},
+                  {"iss": sa["client_email"], "sub": "alice@example.test", "scope": "mail", "aud": sa["token_uri"],
+                   "iat": now, "exp": now + 3600}, sa["private_key"])
+    st, sj = h.post(sa["token_uri"], {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": a})
+    check(st == 200 and sj.get("expires_in") == 3600 and "refresh_token" not in sj, "JWT bearer grant issues a 1 h token")
+    c = h.imap_login("alice@example.test", sj["access_token"])
+    check(c is not None, "JWT bearer token logs in as sub (alice)")
+    c.logout()
+    head, body, _ = a.split(".")
+    st, r = h.post(sa["token_uri"], {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                     "assertion": f"{head}.{body}.{b64u(bytes(256))}"})
+    check(st == 400 and r.get("error") == "invalid_grant", "JWT bearer assertion with a bad signature: invalid_grant")
 
     # Concurrency: N simultaneous logged-in IMAPS sessions.
     if args.concurrency:

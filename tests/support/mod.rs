@@ -239,10 +239,9 @@ impl Gateway {
             access_token: Some(grant.access_token.clone()),
             obtained_at: now,
             expires_at: now + 3600,
+            ..Default::default()
         };
-        mailgate::oauth::TokenStore::new(state.path())
-            .save(account, &record)
-            .unwrap();
+        store(state.path()).save(account, &record).unwrap();
         Self::start_in(state, accounts, "", "10ms", true).await
     }
 
@@ -376,17 +375,14 @@ tls = "{pop3_upstream_tls}"
         }
     }
 
+    /// The stored record of an account.
+    pub fn stored(&self, account: &str) -> Option<mailgate::oauth::Record> {
+        store(self.state.path()).load(account).unwrap()
+    }
+
     /// The stored refresh token of an account.
     pub fn stored_refresh_token(&self, account: &str) -> Option<String> {
-        let text = std::fs::read_to_string(
-            self.state
-                .path()
-                .join("tokens")
-                .join(format!("{account}.json")),
-        )
-        .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["refresh_token"].as_str().map(str::to_owned)
+        self.stored(account)?.refresh_token
     }
 
     pub async fn stop(mut self) {
@@ -394,6 +390,12 @@ tls = "{pop3_upstream_tls}"
             r.stop().await;
         }
     }
+}
+
+/// The token store of a gateway's state directory (default key file).
+pub fn store(state_dir: &Path) -> mailgate::oauth::TokenStore {
+    let key = mailgate::oauth::KeySource::File(state_dir.join("token.key"));
+    mailgate::oauth::TokenStore::open(state_dir, &key).unwrap()
 }
 
 /// A rustls client config trusting the harness CA.

@@ -1,0 +1,191 @@
+//! Pending authorizations: the PKCE verifier and state of a started
+//! authorization-code flow, kept (encrypted) until the browser comes back
+//! to the redirect URL, possibly in another process.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::AdminState;
+use crate::config::Integration;
+use crate::oauth::{grant, TokenError, TokenStore};
+use crate::secret::Secret;
+
+/// A flow started by `mailgate authorize` or the integrations page.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub account: String,
+    pub verifier: String,
+    pub created_at: u64,
+    /// Set when the flow ended: `Ok(())`, or why it failed.
+    #[serde(default)]
+    pub outcome: Option<Result<(), String>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("account", &self.account)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pending flow is good for 15 minutes: time to sign in, not more.
+const PENDING_LIFETIME_S: u64 = 15 * 60;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Pending flows, in the token store's directory, under its key. A flow
+/// is named by the SHA-256 of its state, so the state itself (a bearer
+/// secret until used) is never written down.
+pub struct PendingStore {
+    store: TokenStore,
+}
+
+impl PendingStore {
+    pub fn new(store: TokenStore) -> Self {
+        Self { store }
+    }
+
+    fn name(state: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, state.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("pending-{hex}")
+    }
+
+    /// Remembers a started flow.
+    ///
+    /// # Errors
+    /// When the store can't be written.
+    pub fn save(&self, state: &Secret<String>, pending: &Pending) -> Result<(), TokenError> {
+        self.write(state.expose(), pending)
+    }
+
+    fn write(&self, state: &str, pending: &Pending) -> Result<(), TokenError> {
+        self.store
+            .save_value(&Self::name(state), pending)
+            .map_err(TokenError::from)
+    }
+
+    /// The flow with this state, if it exists and is fresh.
+    ///
+    /// # Errors
+    /// When the store can't be read.
+    pub fn load(&self, state: &str) -> Result<Option<Pending>, TokenError> {
+        let pending: Option<Pending> = self.store.load_value(&Self::name(state))?;
+        Ok(pending.filter(|p| now().saturating_sub(p.created_at) < PENDING_LIFETIME_S))
+    }
+
+    /// Forgets a flow.
+    pub fn remove(&self, state: &str) {
+        let _ = std::fs::remove_file(self.store.path(&Self::name(state)));
+    }
+
+    /// The file a flow lives in (for tests and cleanup).
+    pub fn path(&self, state: &str) -> PathBuf {
+        self.store.path(&Self::name(state))
+    }
+
+    /// Records how a flow ended, for the process that started it.
+    pub fn finish(&self, state: &str, mut pending: Pending, outcome: Result<(), String>) {
+        pending.outcome = Some(outcome);
+        let _ = self.write(state, &pending);
+    }
+}
+
+/// Why a callback could not complete a flow; shown to the admin.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error("The provider refused the authorization: {0}. Start again with mailgate authorize ACCOUNT, or from the integrations page.")]
+    Provider(String),
+    #[error("The request lacks the authorization code or the state. Open the URL that mailgate authorize printed, and let the provider send you back here.")]
+    Incomplete,
+    #[error("No authorization is waiting for this state: it expired (after 15 minutes), was used already, or was never started here.")]
+    UnknownState,
+    #[error("This authorization was started for integration {0}, not this one.")]
+    WrongIntegration(String),
+    #[error("Exchanging the code failed: {0}")]
+    Exchange(String),
+}
+
+/// Completes the flow that `state` names: exchanges the code with the PKCE
+/// verifier and stores the tokens. Returns the account's name.
+pub async fn finish(
+    s: &AdminState,
+    integration: &Integration,
+    code: Option<&str>,
+    state: Option<&str>,
+    error: Option<&str>,
+    error_description: Option<&str>,
+) -> Result<String, CallbackError> {
+    let pending = match state {
+        Some(state) => s
+            .pending
+            .load(state)
+            .map_err(|e| CallbackError::Exchange(e.to_string()))?,
+        None => None,
+    };
+    if let Some(error) = error {
+        let why = match error_description {
+            Some(d) => format!("{error} ({d})"),
+            None => error.to_owned(),
+        };
+        if let (Some(state), Some(p)) = (state, pending) {
+            s.pending
+                .finish(state, p, Err(format!("the provider refused: {why}")));
+        }
+        return Err(CallbackError::Provider(why));
+    }
+    let (Some(code), Some(state)) = (code, state) else {
+        return Err(CallbackError::Incomplete);
+    };
+    let pending = pending
+        .filter(|p| p.outcome.is_none())
+        .ok_or(CallbackError::UnknownState)?;
+    let account = s
+        .config
+        .accounts
+        .get(&pending.account)
+        .cloned()
+        .ok_or(CallbackError::UnknownState)?;
+    if account.integration.name != integration.name {
+        return Err(CallbackError::WrongIntegration(
+            account.integration.name.clone(),
+        ));
+    }
+    let redirect = s
+        .config
+        .redirect_url(integration)
+        .ok_or(CallbackError::UnknownState)?;
+    let result = async {
+        let granted = grant::exchange_code(
+            s.tokens.http(),
+            integration,
+            &redirect,
+            code,
+            &Secret::new(pending.verifier.clone()),
+        )
+        .await?;
+        s.tokens.install(&account, granted).await
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            s.pending.finish(state, pending, Ok(()));
+            Ok(account.name.clone())
+        }
+        Err(e) => {
+            s.pending.finish(state, pending, Err(e.to_string()));
+            Err(CallbackError::Exchange(e.to_string()))
+        }
+    }
+}

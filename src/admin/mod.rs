@@ -1,0 +1,195 @@
+//! The HTTP listener: the OAuth redirect URL (the end of the 3-legged
+//! flow), and liveness. Served over HTTPS with the listeners' certificate,
+//! or plain HTTP on loopback.
+
+pub mod authorize;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+pub use authorize::{Pending, PendingStore};
+
+use crate::config::Config;
+use crate::oauth::Tokens;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub tokens: Arc<Tokens>,
+    pub pending: Arc<PendingStore>,
+}
+
+/// The routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/oauth2/callback/{slug}", get(callback))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` fires; TLS when an
+/// acceptor is given.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    handshake_timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (router, tls) = (router.clone(), tls.clone());
+        tokio::spawn(async move {
+            let service = TowerToHyperService::new(router);
+            let builder = hyper::server::conn::http1::Builder::new();
+            let result = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Ok(Err(e)) => return debug!(%peer, error = %e, "http tls handshake failed"),
+                        Err(_) => return debug!(%peer, "http tls handshake timed out"),
+                    }
+                }
+                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "http connection");
+            }
+        });
+    }
+}
+
+/// Binds the HTTP listener of `config`, if it has one.
+///
+/// # Errors
+/// When the address can't be bound.
+pub async fn bind(config: &Config) -> std::io::Result<Option<(TcpListener, SocketAddr)>> {
+    let Some(http) = &config.http else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(http.address)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {}: {e}", http.address)))?;
+    let addr = listener.local_addr()?;
+    Ok(Some((listener, addr)))
+}
+
+#[derive(serde::Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// The redirect URL: finishes a pending authorization.
+async fn callback(
+    State(s): State<AdminState>,
+    Path(slug): Path<String>,
+    Query(q): Query<CallbackQuery>,
+) -> Response {
+    let path = format!("/oauth2/callback/{slug}");
+    let Some(integration) = s
+        .config
+        .integrations
+        .values()
+        .find(|i| i.redirect_path == path)
+    else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Unknown redirect URL",
+            "This is not the redirect URL of any integration. If an endpoint changed, register the new URL \
+             (mailgate redirect-url INTEGRATION) at the provider.",
+        );
+    };
+    let outcome = authorize::finish(
+        &s,
+        integration,
+        q.code.as_deref(),
+        q.state.as_deref(),
+        q.error.as_deref(),
+        q.error_description.as_deref(),
+    )
+    .await;
+    match outcome {
+        Ok(account) => page(
+            StatusCode::OK,
+            "Authorized",
+            &format!("Account {account} is authorized. mailgate keeps its tokens fresh from now on; you can close this page."),
+        ),
+        Err(e) => page(StatusCode::BAD_REQUEST, "Authorization failed", &e.to_string()),
+    }
+}
+
+/// A small self-contained HTML page, never cached.
+fn page(status: StatusCode, title: &str, text: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>mailgate: {t}</title></head>\
+         <body><h1>{t}</h1><p>{x}</p></body></html>\n",
+        t = escape(title),
+        x = escape(text)
+    );
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+/// HTML text escaping.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -1,0 +1,384 @@
+//! The admin commands: `authorize`, `status`, `test`. Logic lives in the
+//! library (`oauth`, `admin`, `server::probe`); this is the printing.
+
+use std::io::BufRead as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mailgate::admin::{self, AdminState, Pending, PendingStore};
+use mailgate::config::{Account, Config, Grant};
+use mailgate::oauth::{fix_command, grant, TokenStore, Tokens};
+use mailgate::server::{probe, upstream};
+
+pub struct AuthorizeMode {
+    pub paste: bool,
+    pub device: bool,
+    pub open: bool,
+    pub login_hint: Option<String>,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mailgate: {message}");
+    ExitCode::FAILURE
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn tokens(config: &Config) -> Result<Tokens, ExitCode> {
+    mailgate::tls::install_default_provider();
+    let tls = mailgate::tls::client(None).map_err(fail)?;
+    Tokens::new(config, &tls).map_err(fail)
+}
+
+/// How long `authorize` waits for the browser to come back.
+const AUTHORIZE_WAIT: Duration = Duration::from_secs(15 * 60);
+
+pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitCode {
+    let config = Arc::new(config);
+    let Some(account) = config.accounts.get(name).cloned() else {
+        return fail(format!("no account named {name:?}"));
+    };
+    let tokens = match tokens(&config) {
+        Ok(t) => Arc::new(t),
+        Err(code) => return code,
+    };
+    if account.grant != Grant::AuthorizationCode {
+        println!("account {name} uses the {:?} grant: there is nothing to authorize; checking that a token can be had", account.grant);
+        return match tokens.force_refresh(&account).await {
+            Ok(_) => {
+                println!("ok: got an access token");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    if mode.device {
+        return authorize_device(&tokens, &account).await;
+    }
+    let integration = &account.integration;
+    let Some(redirect) = config.redirect_url(integration) else {
+        return fail("no [http] table in the config: set http.address (and http.public_url), register the redirect URL (mailgate redirect-url INTEGRATION), or use --device");
+    };
+    let started = match grant::authorization(integration, &redirect, mode.login_hint.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let pending = match TokenStore::open(&config.state_dir, &config.store_key) {
+        Ok(store) => Arc::new(PendingStore::new(store)),
+        Err(e) => return fail(e),
+    };
+    let record = Pending {
+        account: name.to_owned(),
+        verifier: started.verifier.expose().clone(),
+        created_at: now(),
+        outcome: None,
+    };
+    if let Err(e) = pending.save(&started.state, &record) {
+        return fail(e);
+    }
+    eprintln!(
+        "Open this URL in a browser and sign in as the owner of {}:",
+        account.mailbox
+    );
+    println!("{}", started.url);
+    if mode.open {
+        let _ = std::process::Command::new("xdg-open")
+            .arg(started.url.as_str())
+            .spawn();
+    }
+    let state = AdminState {
+        config: config.clone(),
+        tokens: tokens.clone(),
+        pending: pending.clone(),
+    };
+    let outcome = if mode.paste {
+        eprintln!("The provider then sends your browser to {redirect}?code=...; the page may not load. Paste that whole URL here:");
+        paste_back(&state, &account, started.state.expose()).await
+    } else {
+        wait_for_callback(&state, started.state.expose()).await
+    };
+    pending.remove(started.state.expose());
+    match outcome {
+        Ok(()) => {
+            println!("account {name} is authorized");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn paste_back(
+    state: &AdminState,
+    account: &Account,
+    expected_state: &str,
+) -> Result<(), String> {
+    let mut line = String::new();
+    tokio::task::block_in_place(|| std::io::stdin().lock().read_line(&mut line))
+        .map_err(|e| format!("can't read the URL: {e}"))?;
+    let url = url::Url::parse(line.trim()).map_err(|e| format!("that is not a URL: {e}"))?;
+    let query = |key: &str| {
+        url.query_pairs()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    };
+    let given_state = query("state");
+    if given_state.as_deref() != Some(expected_state) {
+        return Err(
+            "the URL's state doesn't match this authorization (a URL from another attempt?)".into(),
+        );
+    }
+    admin::authorize::finish(
+        state,
+        &account.integration,
+        query("code").as_deref(),
+        given_state.as_deref(),
+        query("error").as_deref(),
+        query("error_description").as_deref(),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Serves the redirect URL ourselves, or, when a gateway already listens
+/// there, lets it finish the flow; either way, waits for the outcome.
+async fn wait_for_callback(state: &AdminState, pending_state: &str) -> Result<(), String> {
+    let (_shutdown, receiver) = tokio::sync::watch::channel(false);
+    match admin::bind(&state.config).await {
+        Ok(Some((listener, address))) => {
+            let tls = match state.config.http.as_ref().map(|h| h.tls) {
+                Some(mailgate::config::HttpTls::Implicit) => {
+                    let server = mailgate::tls::server(
+                        state.config.certificate.as_ref(),
+                        &state.config.state_dir,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Some(tokio_rustls::TlsAcceptor::from(server.config))
+                }
+                _ => None,
+            };
+            eprintln!("Waiting for the browser at {address} ...");
+            let router = admin::router(state.clone());
+            tokio::spawn(admin::serve(
+                listener,
+                tls,
+                router,
+                Duration::from_secs(10),
+                receiver,
+            ));
+        }
+        Ok(None) => return Err("no [http] table in the config".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!("A gateway is listening at the redirect URL; it will finish the authorization. Waiting ...");
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    let deadline = tokio::time::Instant::now() + AUTHORIZE_WAIT;
+    loop {
+        match state
+            .pending
+            .load(pending_state)
+            .map_err(|e| e.to_string())?
+        {
+            Some(Pending {
+                outcome: Some(outcome),
+                ..
+            }) => return outcome,
+            Some(_) => {}
+            None => return Err("the authorization expired".into()),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("gave up waiting for the browser".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn authorize_device(tokens: &Tokens, account: &Account) -> ExitCode {
+    let integration = &account.integration;
+    let device = match grant::device_start(tokens.http(), integration).await {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    eprintln!(
+        "On any device, open the URL below and enter the code, signing in as the owner of {}:",
+        account.mailbox
+    );
+    println!("{}", device.verification_uri);
+    println!("code: {}", device.user_code);
+    let granted = match grant::device_finish(tokens.http(), integration, &device).await {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    match tokens.install(account, granted).await {
+        Ok(()) => {
+            println!("account {} is authorized", account.name);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn when(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+fn relative(unix: u64) -> String {
+    let now = now();
+    if unix > now {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(unix - now))
+        )
+    } else {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(now - unix))
+        )
+    }
+}
+
+pub async fn status(config: Config) -> ExitCode {
+    let store = match TokenStore::open(&config.state_dir, &config.store_key) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut needs = false;
+    for i in config.integrations.values() {
+        println!("integration {} ({:?})", i.name, i.provider);
+        if let Some(d) = &i.description {
+            println!("  description:  {d}");
+        }
+        println!("  client id:    {}", i.client_id);
+        println!(
+            "  client secret: {}",
+            if i.client_secret.is_some() {
+                "set"
+            } else {
+                "not set"
+            }
+        );
+        if let Some(expires) = i.client_secret_expires {
+            println!(
+                "  secret expires: {} ({})",
+                when(expires),
+                relative(expires)
+            );
+        }
+        println!("  scopes:       {}", i.scopes.join(" "));
+        match config.redirect_url(i) {
+            Some(url) => println!("  redirect URL: {url}"),
+            None => println!("  redirect URL: (no [http] table)"),
+        }
+    }
+    for a in config.accounts.values() {
+        println!(
+            "account {} (user {}, integration {}, mailbox {}, grant {:?})",
+            a.name, a.username, a.integration.name, a.mailbox, a.grant
+        );
+        match store.load(&a.name) {
+            Err(e) => {
+                println!("  token store:  UNREADABLE: {e}");
+                needs = true;
+            }
+            Ok(None) if a.grant == Grant::AuthorizationCode && a.refresh_token.is_none() => {
+                println!(
+                    "  token:        none: NEEDS AUTHORIZATION, run `{}`",
+                    fix_command(&a.name)
+                );
+                needs = true;
+            }
+            Ok(None) => println!("  token:        none yet"),
+            Ok(Some(r)) => {
+                if r.access_token.is_some() {
+                    let state = if r.expires_at > now() {
+                        "valid until"
+                    } else {
+                        "expired at"
+                    };
+                    println!(
+                        "  access token: {state} {} ({})",
+                        when(r.expires_at),
+                        relative(r.expires_at)
+                    );
+                }
+                if r.last_refresh > 0 {
+                    println!(
+                        "  last refresh: {} ({})",
+                        when(r.last_refresh),
+                        relative(r.last_refresh)
+                    );
+                }
+                if let Some(why) = &r.needs_authorization {
+                    println!(
+                        "  NEEDS AUTHORIZATION: {why}; run `{}` (the old tokens are kept)",
+                        fix_command(&a.name)
+                    );
+                    needs = true;
+                } else if let Some(e) = &r.last_error {
+                    println!("  last error:   {e}");
+                }
+            }
+        }
+    }
+    if needs {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+pub async fn test(config: Config, target: &str) -> ExitCode {
+    let accounts: Vec<Arc<Account>> = match config.accounts.get(target) {
+        Some(a) => vec![a.clone()],
+        None if config.integrations.contains_key(target) => config
+            .accounts
+            .values()
+            .filter(|a| a.integration.name == target)
+            .cloned()
+            .collect(),
+        None => return fail(format!("no account or integration named {target:?}")),
+    };
+    if accounts.is_empty() {
+        return fail(format!("integration {target} has no accounts to test"));
+    }
+    let tokens = match tokens(&config) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let connectors = match upstream::connectors(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut ok = true;
+    for account in accounts {
+        println!("account {} ({})", account.name, account.mailbox);
+        for step in probe::test_account(
+            &tokens,
+            &connectors,
+            &account,
+            config.limits.upstream_timeout,
+        )
+        .await
+        {
+            let ms = step.elapsed.as_millis();
+            match step.outcome {
+                Ok(what) => println!("  ok    {:<20} {ms:>6} ms  {what}", step.name),
+                Err(why) => {
+                    ok = false;
+                    println!("  FAIL  {:<20} {ms:>6} ms  {why}", step.name);
+                }
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,158 @@
+//! Test connection: each step of a login, run for real and timed: the
+//! token grant or refresh, the upstream TLS connect, the XOAUTH2 login and
+//! the logout. `mailgate test` prints them; the integrations page shows
+//! them.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::upstream::{self, Connectors, UpstreamError};
+use crate::config::{Account, Protocol};
+use crate::oauth::Tokens;
+
+/// One step and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    /// What happened, in plain words; `Err` for a failed step.
+    pub outcome: Result<String, String>,
+    pub elapsed: Duration,
+}
+
+/// Runs every step for `account`, stopping at the first failure.
+pub async fn test_account(
+    tokens: &Tokens,
+    connectors: &Connectors,
+    account: &Account,
+    timeout: Duration,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let started = Instant::now();
+    let token = tokens.force_refresh(account).await;
+    let token = match token {
+        Ok(t) => {
+            let what = match account.grant {
+                crate::config::Grant::AuthorizationCode => {
+                    "refresh token exchanged for an access token"
+                }
+                crate::config::Grant::ClientCredentials => {
+                    "client credentials exchanged for an access token"
+                }
+                crate::config::Grant::JwtBearer => {
+                    "service account assertion exchanged for an access token"
+                }
+            };
+            steps.push(Step {
+                name: "token".into(),
+                outcome: Ok(what.into()),
+                elapsed: started.elapsed(),
+            });
+            t
+        }
+        Err(e) => {
+            steps.push(Step {
+                name: "token".into(),
+                outcome: Err(e.to_string()),
+                elapsed: started.elapsed(),
+            });
+            return steps;
+        }
+    };
+    for protocol in [Protocol::Imap, Protocol::Pop3] {
+        let Some(server) = account.upstream(protocol) else {
+            continue;
+        };
+        let label = match protocol {
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        };
+        let Some(connector) = connectors.get(&server.ca_file) else {
+            continue;
+        };
+        let started = Instant::now();
+        let connected = tokio::time::timeout(timeout, upstream::connect(server, connector))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+        let connected = match connected {
+            Ok(c) => {
+                let tls = match server.tls {
+                    crate::proto::UpstreamTls::Implicit => "TLS",
+                    crate::proto::UpstreamTls::StartTls => "plaintext, STARTTLS next",
+                };
+                steps.push(Step {
+                    name: format!("{label} connect"),
+                    outcome: Ok(format!("{}:{} ({tls})", server.host, server.port)),
+                    elapsed: started.elapsed(),
+                });
+                c
+            }
+            Err(e) => {
+                steps.push(Step {
+                    name: format!("{label} connect"),
+                    outcome: Err(e.to_string()),
+                    elapsed: started.elapsed(),
+                });
+                return steps;
+            }
+        };
+        let started = Instant::now();
+        let login = async {
+            match protocol {
+                Protocol::Imap => {
+                    upstream::login(
+                        connected,
+                        connector,
+                        crate::imap::Upstream::new(&account.mailbox, &token, server.tls),
+                    )
+                    .await
+                }
+                Protocol::Pop3 => {
+                    upstream::login(
+                        connected,
+                        connector,
+                        crate::pop3::Upstream::new(&account.mailbox, &token, server.tls),
+                    )
+                    .await
+                }
+            }
+        };
+        let logged_in = match tokio::time::timeout(timeout, login)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+        {
+            Ok(l) => {
+                steps.push(Step {
+                    name: format!("{label} xoauth2 login"),
+                    outcome: Ok(format!("logged in as {}", account.mailbox)),
+                    elapsed: started.elapsed(),
+                });
+                l
+            }
+            Err(e) => {
+                steps.push(Step {
+                    name: format!("{label} xoauth2 login"),
+                    outcome: Err(e.to_string()),
+                    elapsed: started.elapsed(),
+                });
+                return steps;
+            }
+        };
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(timeout, upstream::logout(logged_in, protocol))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+            .map(|()| "logged out".to_owned())
+            .map_err(|e| e.to_string());
+        let failed = outcome.is_err();
+        steps.push(Step {
+            name: format!("{label} logout"),
+            outcome,
+            elapsed: started.elapsed(),
+        });
+        if failed {
+            return steps;
+        }
+    }
+    steps
+}
