@@ -40,6 +40,41 @@ impl<T> fmt::Display for Secret<T> {
     }
 }
 
+/// A secret string from the config file or the environment. Environment
+/// values arrive typed (`12345678` is a number to figment), so numbers and
+/// booleans are taken as their text; and a type error never echoes the
+/// value.
+impl<'de> serde::Deserialize<'de> for Secret<String> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret<String>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a secret string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Secret::new(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Secret::new(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +85,17 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!format!("{s}").contains("hunter2"));
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn secrets_deserialize_from_strings_and_typed_values() {
+        let s: Secret<String> = serde_json::from_str("\"abc\"").unwrap();
+        assert_eq!(s.expose(), "abc");
+        let s: Secret<String> = serde_json::from_str("12345678").unwrap();
+        assert_eq!(s.expose(), "12345678");
+        let err = serde_json::from_str::<Secret<String>>("[\"leak-me\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("leak-me"), "{err}");
     }
 }

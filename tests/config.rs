@@ -62,6 +62,14 @@ fn every_example_config_parses() {
                 let secret = jail.directory().join("app.secret");
                 std::fs::write(&secret, "s\n").unwrap();
                 let text = text.replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap());
+                // Certificate files named by the examples, made here.
+                let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+                let (cert, key) = (jail.directory().join("cert.pem"), jail.directory().join("key.pem"));
+                std::fs::write(&cert, generated.cert.pem()).unwrap();
+                std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+                let text = text
+                    .replace("/etc/mailgate/fullchain.pem", cert.to_str().unwrap())
+                    .replace("/etc/mailgate/privkey.pem", key.to_str().unwrap());
                 let config = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
                 assert!(!config.listeners.is_empty());
                 Ok(())

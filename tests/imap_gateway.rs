@@ -458,7 +458,7 @@ async fn revoked_access_token_is_replaced_and_a_dead_grant_gives_a_clean_no() {
     let reply = login_ok(&gateway, &account).await;
     assert_eq!(
         reply.last().unwrap(),
-        "a NO [UNAVAILABLE] This account must be authorized again by the mailgate administrator",
+        "a NO [AUTHENTICATIONFAILED] This account must be authorized again by the mailgate administrator",
         "{reply:?}"
     );
     assert!(

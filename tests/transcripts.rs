@@ -11,7 +11,8 @@
 //!   are the driver's calls.
 //! - upstream logins: `up> bytes` the upstream sends; `>up bytes` we send;
 //!   `!starttls`, `!loggedin CAPS...`, `!leftover BYTES`, `!rejected STATUS|-`,
-//!   `!in-use`, `!protocol` are expected actions; `=tls` is the driver's call.
+//!   `!in-use`, `!unavailable`, `!protocol` are expected actions; `=tls` is
+//!   the driver's call.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -337,6 +338,9 @@ fn upstream_action(action: UpstreamAction, out: &mut Vec<(Kind, String)>) {
             if in_use {
                 out.push((Kind::Action, "in-use ".into()));
             }
+        }
+        UpstreamAction::Failed(UpstreamFailure::Unavailable(_)) => {
+            out.push((Kind::Action, "unavailable ".into()))
         }
         UpstreamAction::Failed(UpstreamFailure::Protocol(_)) => {
             out.push((Kind::Action, "protocol ".into()))

@@ -82,6 +82,8 @@ pub struct CertificateFiles {
 /// Caps and timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Open client connections at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
     pub max_line: usize,
     pub max_literal: usize,
     /// How long a failed login waits before its NO.
@@ -93,6 +95,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
 }
 
+/// Default connection cap: 20,000 sessions (two sockets each) fit in a
+/// few hundred MiB and a raised file-descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// Default pre-login line cap; RFC 9051 §4 asks for at least 8000 octets.
 pub const DEFAULT_MAX_LINE: usize = 8192;
 /// Default pre-login literal cap: passwords and SASL responses are small.
@@ -192,8 +197,9 @@ pub struct ServiceAccount {
 pub struct Account {
     pub name: String,
     pub username: String,
-    /// An argon2id PHC string.
-    pub password_hash: String,
+    /// An argon2id PHC string. Not a password, but an offline guessing
+    /// target: redacted like one.
+    pub password_hash: Secret<String>,
     pub integration: Arc<Integration>,
     /// The XOAUTH2 `user=`; may differ from the token's owner.
     pub mailbox: String,
@@ -324,39 +330,56 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         .enumerate()
         .map(|(i, l)| listener(&format!("listeners[{i}]"), l))
         .collect::<Result<Vec<_>, _>>()?;
+    let l = &raw.limits;
     let limits = Limits {
-        max_line: positive(
-            "limits.max_line",
-            raw.limits.max_line.unwrap_or(DEFAULT_MAX_LINE),
+        max_connections: positive(
+            "limits.max_connections",
+            l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         )?,
-        max_literal: raw.limits.max_literal.unwrap_or(DEFAULT_MAX_LITERAL),
-        login_failure_delay: raw
-            .limits
-            .login_failure_delay
-            .unwrap_or(DEFAULT_LOGIN_FAILURE_DELAY),
-        tls_handshake_timeout: raw
-            .limits
-            .tls_handshake_timeout
-            .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
-        pre_auth_timeout: raw
-            .limits
-            .pre_auth_timeout
-            .unwrap_or(DEFAULT_PRE_AUTH_TIMEOUT),
-        upstream_timeout: raw
-            .limits
-            .upstream_timeout
-            .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+        max_line: positive("limits.max_line", l.max_line.unwrap_or(DEFAULT_MAX_LINE))?,
+        max_literal: l.max_literal.unwrap_or(DEFAULT_MAX_LITERAL),
+        login_failure_delay: bounded(
+            "limits.login_failure_delay",
+            l.login_failure_delay,
+            DEFAULT_LOGIN_FAILURE_DELAY,
+            false,
+        )?,
+        tls_handshake_timeout: bounded(
+            "limits.tls_handshake_timeout",
+            l.tls_handshake_timeout,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            true,
+        )?,
+        pre_auth_timeout: bounded(
+            "limits.pre_auth_timeout",
+            l.pre_auth_timeout,
+            DEFAULT_PRE_AUTH_TIMEOUT,
+            true,
+        )?,
+        upstream_timeout: bounded(
+            "limits.upstream_timeout",
+            l.upstream_timeout,
+            DEFAULT_UPSTREAM_TIMEOUT,
+            true,
+        )?,
     };
     let oauth = OAuthSettings {
         allow_insecure_loopback_http: raw.oauth.allow_insecure_loopback_http,
-        request_timeout: raw
-            .oauth
-            .request_timeout
-            .unwrap_or(DEFAULT_OAUTH_REQUEST_TIMEOUT),
-        refresh_margin: raw.oauth.refresh_margin.unwrap_or(DEFAULT_REFRESH_MARGIN),
+        request_timeout: bounded(
+            "oauth.request_timeout",
+            raw.oauth.request_timeout,
+            DEFAULT_OAUTH_REQUEST_TIMEOUT,
+            true,
+        )?,
+        refresh_margin: bounded(
+            "oauth.refresh_margin",
+            raw.oauth.refresh_margin,
+            DEFAULT_REFRESH_MARGIN,
+            false,
+        )?,
         refresh_in_background: raw.oauth.refresh_in_background.unwrap_or(true),
         notify_command: match raw.oauth.notify_command {
-            Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+            Some(argv) if argv.first().is_none_or(String::is_empty) => {
                 return Err(invalid("oauth.notify_command", "must name a program"))
             }
             other => other,
@@ -424,6 +447,9 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
                 .unwrap_or_else(|| raw.state_dir.join("token.key")),
         ),
     };
+    if let Some(c) = &raw.certificate {
+        check_certificate_files(&c.cert, &c.key)?;
+    }
     Ok(Config {
         http,
         store_key,
@@ -497,6 +523,58 @@ impl Config {
         url.set_query(None);
         Some(url)
     }
+}
+
+/// The longest any duration setting may be: a day. Longer values are
+/// mistakes, and bounded values keep deadline arithmetic in range.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+fn bounded(
+    key: &str,
+    given: Option<Duration>,
+    default: Duration,
+    nonzero: bool,
+) -> Result<Duration, ConfigError> {
+    let d = given.unwrap_or(default);
+    if d > MAX_DURATION {
+        return Err(invalid(key, "must be at most 24h"));
+    }
+    if nonzero && d.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+/// How many PEM certificates `path` holds.
+fn pem_certificates(path: &Path) -> Result<usize, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    certs
+        .map(|c| {
+            c.map(|_| ())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|v| v.len())
+}
+
+/// The listener certificate and key must load before anything binds.
+fn check_certificate_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::pem::PemObject as _;
+    match pem_certificates(cert) {
+        Ok(0) => {
+            return Err(invalid(
+                "certificate.cert",
+                format!("{}: no certificate in the file", cert.display()),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(invalid("certificate.cert", e)),
+    }
+    rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map(|_| ())
+        .map_err(|e| invalid("certificate.key", format!("{}: {e}", key.display())))
 }
 
 fn positive(key: &str, n: usize) -> Result<usize, ConfigError> {
@@ -647,7 +725,7 @@ fn integration(
     };
     let client_secret = match (i.client_secret, i.client_secret_file, i.client_secret_env) {
         (None, None, None) => None,
-        (Some(s), None, None) => Some(s),
+        (Some(s), None, None) => Some(s.expose().clone()),
         (None, Some(path), None) => Some(
             std::fs::read_to_string(&path)
                 .map_err(|e| {
@@ -855,7 +933,7 @@ fn account(
     if username.is_empty() {
         return Err(invalid(format!("{key}.username"), "must not be empty"));
     }
-    match argon2::PasswordHash::new(&a.password_hash) {
+    match argon2::PasswordHash::new(a.password_hash.expose()) {
         Ok(h) if h.algorithm.as_str() == "argon2id" => {}
         Ok(_) => {
             return Err(invalid(
@@ -918,7 +996,7 @@ fn account(
         integration,
         mailbox: a.mailbox,
         grant: a.grant,
-        refresh_token: a.refresh_token.map(Secret::new),
+        refresh_token: a.refresh_token,
         imap,
         pop3,
     })

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::secret::Secret;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -80,6 +82,7 @@ pub struct Certificate {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    pub max_connections: Option<usize>,
     pub max_line: Option<usize>,
     pub max_literal: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -120,7 +123,7 @@ pub struct Integration {
     pub provider: Provider,
     pub description: Option<String>,
     pub client_id: String,
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret<String>>,
     pub client_secret_file: Option<PathBuf>,
     pub client_secret_env: Option<String>,
     pub scopes: Option<Vec<String>>,
@@ -158,12 +161,12 @@ pub enum Grant {
 #[serde(deny_unknown_fields)]
 pub struct Account {
     pub username: Option<String>,
-    pub password_hash: String,
+    pub password_hash: Secret<String>,
     pub integration: String,
     pub mailbox: String,
     #[serde(default)]
     pub grant: Grant,
-    pub refresh_token: Option<String>,
+    pub refresh_token: Option<Secret<String>>,
     pub imap: Option<Upstream>,
     pub pop3: Option<Upstream>,
 }

@@ -12,14 +12,17 @@ use nom::multi::separated_list1;
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
+use crate::secret::Secret;
+
 /// A line that is not the IMAP it should be. Answered with BAD, or fails
 /// an upstream login; never a reason to guess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed IMAP line")]
 pub struct ParseError;
 
-/// A client command before login.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A client command before login. `Debug` redacts the password and the
+/// SASL initial response.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Command<'a> {
     Capability,
     Noop,
@@ -29,7 +32,7 @@ pub enum Command<'a> {
     StartTls,
     Login {
         username: Vec<u8>,
-        password: Vec<u8>,
+        password: Secret<Vec<u8>>,
     },
     Authenticate {
         mechanism: &'a [u8],
@@ -38,6 +41,35 @@ pub enum Command<'a> {
     },
     /// A well-formed command that is not valid before login.
     Other(&'a [u8]),
+}
+
+impl std::fmt::Debug for Command<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Login { username, password } => f
+                .debug_struct("Login")
+                .field("username", &String::from_utf8_lossy(username))
+                .field("password", password)
+                .finish(),
+            Self::Authenticate {
+                mechanism,
+                initial_response,
+            } => f
+                .debug_struct("Authenticate")
+                .field("mechanism", &String::from_utf8_lossy(mechanism))
+                .field("initial_response", &initial_response.map(|_| "<redacted>"))
+                .finish(),
+            Self::Other(name) => f
+                .debug_tuple("Other")
+                .field(&String::from_utf8_lossy(name))
+                .finish(),
+            Self::Capability => f.write_str("Capability"),
+            Self::Noop => f.write_str("Noop"),
+            Self::Logout => f.write_str("Logout"),
+            Self::Id => f.write_str("Id"),
+            Self::StartTls => f.write_str("StartTls"),
+        }
+    }
 }
 
 /// A command with its tag.
@@ -120,7 +152,10 @@ fn is_known(name: &[u8]) -> bool {
 fn login(i: &[u8]) -> IResult<&[u8], Command<'_>> {
     map(
         (tag_no_case("LOGIN "), astring, char(' '), astring),
-        |(_, username, _, password)| Command::Login { username, password },
+        |(_, username, _, password)| Command::Login {
+            username,
+            password: Secret::new(password),
+        },
     )
     .parse(i)
 }
@@ -390,7 +425,7 @@ mod tests {
 
     fn login_args(line: &[u8]) -> (Vec<u8>, Vec<u8>) {
         match command(line).map(|t| t.command) {
-            Ok(Command::Login { username, password }) => (username, password),
+            Ok(Command::Login { username, password }) => (username, password.expose().clone()),
             other => panic!("{other:?}"),
         }
     }

@@ -8,7 +8,6 @@ use super::parse::{self, Command};
 use super::{capability, encode};
 use crate::proto::sasl::{self, Exchange, Mechanism, Step};
 use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
-use crate::secret::Secret;
 
 /// How a session starts, fixed by its listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +39,24 @@ enum State {
     Closed,
 }
 
-/// The client side of one IMAP connection, until it is spliced.
-#[derive(Debug)]
+/// The client side of one IMAP connection, until it is spliced. `Debug`
+/// leaves out the buffered client bytes, which may hold a password.
 pub struct Session {
     options: Options,
     state: State,
     input: BytesMut,
     framer: Framer,
     actions: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("options", &self.options)
+            .field("state", &self.state)
+            .field("buffered", &self.input.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
@@ -104,8 +113,9 @@ impl Session {
             return;
         };
         let caps = capability::after_login(upstream_capabilities);
-        let code = format!("CAPABILITY {}", caps.join(" "));
-        self.send(encode::tagged(&tag, "OK", Some(&code), "Logged in"));
+        // `CAPABILITY` with no capability is invalid syntax: leave it out.
+        let code = (!caps.is_empty()).then(|| format!("CAPABILITY {}", caps.join(" ")));
+        self.send(encode::tagged(&tag, "OK", code.as_deref(), "Logged in"));
         let to_upstream = self.input.split().freeze();
         self.actions.push_back(Action::Splice { to_upstream });
     }
@@ -124,7 +134,7 @@ impl Session {
                 "Upstream mail service unavailable, try again later",
             ),
             LoginFailure::NeedsAuthorization => (
-                "UNAVAILABLE",
+                "AUTHENTICATIONFAILED",
                 "This account must be authorized again by the mailgate administrator",
             ),
             LoginFailure::InUse => ("INUSE", "Mailbox in use"),
@@ -250,21 +260,11 @@ impl Session {
                     self.refuse_cleartext(tag);
                     return;
                 }
-                match sasl::username(&username) {
-                    Ok(username) => {
-                        let credentials = Credentials {
-                            username,
-                            password: Secret::new(password),
-                        };
-                        self.authenticate(tag.to_owned(), credentials);
-                    }
-                    Err(_) => self.send(encode::tagged(
-                        tag,
-                        "NO",
-                        Some("AUTHENTICATIONFAILED"),
-                        "Authentication failed",
-                    )),
-                }
+                let credentials = Credentials {
+                    username: sasl::username(&username),
+                    password,
+                };
+                self.authenticate(tag.to_owned(), credentials);
             }
             Command::Authenticate {
                 mechanism,

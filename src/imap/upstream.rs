@@ -9,7 +9,7 @@ use super::capability;
 use super::parse::{self, Code, Response, Status};
 use crate::proto::sasl;
 use crate::proto::{
-    Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+    Frame, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -29,13 +29,6 @@ enum State {
     Done,
 }
 
-/// Upstream lines are longer than client lines (capability lists, ID
-/// answers), but before login nothing legitimate comes near 64 KiB.
-const UPSTREAM_LIMITS: FrameLimits = FrameLimits {
-    max_line: 64 * 1024,
-    max_literal: 0,
-};
-
 /// Logs in at an IMAP upstream with XOAUTH2. Fed upstream bytes, yields
 /// [`UpstreamAction`]s until `LoggedIn` or `Failed`.
 #[derive(Debug)]
@@ -44,6 +37,8 @@ pub struct Upstream {
     tls: UpstreamTls,
     response: Secret<String>,
     capabilities: Vec<String>,
+    /// `capabilities` came after our AUTHENTICATE: it is the post-login list.
+    fresh_capabilities: bool,
     input: BytesMut,
     framer: Framer,
     actions: VecDeque<UpstreamAction>,
@@ -57,6 +52,7 @@ impl Upstream {
             tls,
             response: sasl::xoauth2(mailbox, access_token),
             capabilities: Vec::new(),
+            fresh_capabilities: false,
             input: BytesMut::new(),
             framer: Framer::new(UPSTREAM_LIMITS),
             actions: VecDeque::new(),
@@ -169,6 +165,8 @@ impl Upstream {
                 Response::Capabilities(caps),
             ) => {
                 self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+                // Gmail sends the post-login list untagged before the OK.
+                self.fresh_capabilities = !matches!(self.state, State::Capability);
             }
             (
                 State::Capability,
@@ -216,20 +214,30 @@ impl Upstream {
                     ..
                 },
             ) => {
-                if status != Status::Ok {
-                    let in_use =
-                        matches!(code, Some(Code::Other(c)) if c.eq_ignore_ascii_case(b"INUSE"));
-                    let status = challenge.flatten();
-                    return self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected {
-                        status,
-                        in_use,
-                    }));
+                let code_is = |name: &[u8]| matches!(code, Some(Code::Other(c)) if c.eq_ignore_ascii_case(name));
+                let failure = match status {
+                    Status::Ok => None,
+                    Status::Bad => Some(UpstreamFailure::Protocol(
+                        "upstream answered BAD to AUTHENTICATE".into(),
+                    )),
+                    // RFC 5530: the server, not the credentials, is the problem.
+                    Status::No if code_is(b"UNAVAILABLE") => Some(UpstreamFailure::Unavailable(
+                        "upstream answered NO [UNAVAILABLE]".into(),
+                    )),
+                    Status::No => Some(UpstreamFailure::Rejected {
+                        status: challenge.flatten(),
+                        in_use: code_is(b"INUSE"),
+                    }),
+                };
+                if let Some(failure) = failure {
+                    return self.finish(UpstreamAction::Failed(failure));
                 }
                 match code {
                     Some(Code::Capabilities(caps)) => {
                         self.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
                         self.logged_in();
                     }
+                    _ if self.fresh_capabilities => self.logged_in(),
                     _ => {
                         self.capabilities.clear();
                         self.send(Bytes::from_static(b"m4 CAPABILITY\r\n"));

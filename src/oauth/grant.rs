@@ -109,6 +109,11 @@ type Client = oauth2::Client<
 /// makes `expires_in` optional; providers use one hour).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// The longest lifetime believed: a day. A larger `expires_in` is treated
+/// as a day (we refresh early, which costs nothing) and keeps time
+/// arithmetic in range.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Tokens from a successful grant.
 pub struct Granted {
     pub access_token: Secret<String>,
@@ -131,7 +136,10 @@ impl TryFrom<TokenResponse> for Granted {
         Ok(Self {
             access_token: Secret::new(r.access_token.secret().clone()),
             refresh_token: r.refresh_token.map(|t| Secret::new(t.secret().clone())),
-            lifetime: r.expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs),
+            lifetime: r
+                .expires_in
+                .map_or(DEFAULT_LIFETIME, Duration::from_secs)
+                .min(MAX_LIFETIME),
         })
     }
 }
@@ -507,5 +515,10 @@ mod tests {
             .unwrap();
         assert!(err.contains("DPoP") && err.contains("Bearer"), "{err}");
         assert!(parse(r#"{"token_type":"Bearer"}"#).is_err());
+        let huge = parse(
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":18446744073709551615}"#,
+        )
+        .unwrap();
+        assert_eq!(huge.lifetime, MAX_LIFETIME);
     }
 }

@@ -16,8 +16,9 @@ use nom::{IResult, Parser};
 #[error("malformed POP3 line")]
 pub struct ParseError;
 
-/// A client command before login.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A client command before login. `Debug` redacts `PASS` and the SASL
+/// initial response.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Command<'a> {
     Capa,
     /// `USER name`
@@ -34,9 +35,36 @@ pub enum Command<'a> {
     Apop,
     Quit,
     Stls,
-    Noop,
     /// A well-formed command that is not valid before login.
     Other(&'a [u8]),
+}
+
+impl std::fmt::Debug for Command<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::User(name) => f
+                .debug_tuple("User")
+                .field(&String::from_utf8_lossy(name))
+                .finish(),
+            Self::Pass(_) => f.write_str("Pass(<redacted>)"),
+            Self::Auth {
+                mechanism,
+                initial_response,
+            } => f
+                .debug_struct("Auth")
+                .field("mechanism", &mechanism.map(String::from_utf8_lossy))
+                .field("initial_response", &initial_response.map(|_| "<redacted>"))
+                .finish(),
+            Self::Other(name) => f
+                .debug_tuple("Other")
+                .field(&String::from_utf8_lossy(name))
+                .finish(),
+            Self::Capa => f.write_str("Capa"),
+            Self::Apop => f.write_str("Apop"),
+            Self::Quit => f.write_str("Quit"),
+            Self::Stls => f.write_str("Stls"),
+        }
+    }
 }
 
 /// `command = keyword [SP arguments] CRLF`; keywords are 3 or 4 letters,
@@ -58,9 +86,6 @@ pub fn command(input: &[u8]) -> Result<Command<'_>, ParseError> {
             }),
             map(terminated(tag_no_case("STLS"), end_of_keyword), |_| {
                 Command::Stls
-            }),
-            map(terminated(tag_no_case("NOOP"), end_of_keyword), |_| {
-                Command::Noop
             }),
             map(
                 preceded(
@@ -101,11 +126,9 @@ pub fn command(input: &[u8]) -> Result<Command<'_>, ParseError> {
 }
 
 fn is_known(keyword: &[u8]) -> bool {
-    [
-        "CAPA", "USER", "PASS", "AUTH", "APOP", "QUIT", "STLS", "NOOP",
-    ]
-    .iter()
-    .any(|k| keyword.eq_ignore_ascii_case(k.as_bytes()))
+    ["CAPA", "USER", "PASS", "AUTH", "APOP", "QUIT", "STLS"]
+        .iter()
+        .any(|k| keyword.eq_ignore_ascii_case(k.as_bytes()))
 }
 
 /// Keywords without arguments may still carry some (APOP has two); they
@@ -247,7 +270,7 @@ mod tests {
 
     #[test]
     fn commands() {
-        let cases: [(&[u8], Command<'_>); 12] = [
+        let cases: [(&[u8], Command<'_>); 13] = [
             (b"CAPA\r\n", Command::Capa),
             (b"capa\n", Command::Capa),
             (b"USER alice\r\n", Command::User(b"alice")),
@@ -280,6 +303,7 @@ mod tests {
             ),
             (b"QUIT\r\n", Command::Quit),
             (b"STLS\r\n", Command::Stls),
+            (b"NOOP\r\n", Command::Other(b"NOOP")),
             (b"RETR 1\r\n", Command::Other(b"RETR")),
         ];
         for (line, want) in cases {

@@ -40,14 +40,24 @@ enum State {
     Closed,
 }
 
-/// The client side of one POP3 connection, until it is spliced.
-#[derive(Debug)]
+/// The client side of one POP3 connection, until it is spliced. `Debug`
+/// leaves out the buffered client bytes, which may hold a password.
 pub struct Session {
     options: Options,
     state: State,
     input: BytesMut,
     framer: Framer,
     actions: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("options", &self.options)
+            .field("state", &self.state)
+            .field("buffered", &self.input.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
@@ -113,7 +123,6 @@ impl Session {
                 );
                 self.send(encode::list("Capability list follows", &caps));
             }
-            Command::Noop => self.send(encode::ok("")),
             Command::Quit => self.close_with(encode::ok("mailgate signing off")),
             Command::Stls => {
                 if self.options.stls && !self.options.tls_active {
@@ -129,13 +138,12 @@ impl Session {
                 "APOP not supported; use USER/PASS or AUTH",
             )),
             _ if !self.secure() => self.send(encode::err(None, "Use STLS first")),
-            Command::User(name) => match sasl::username(name) {
-                Ok(name) => {
-                    self.send(encode::ok("Send PASS"));
-                    self.state = State::Authorization { user: Some(name) };
-                }
-                Err(_) => self.send(encode::err(Some("AUTH"), "Authentication failed")),
-            },
+            Command::User(name) => {
+                self.send(encode::ok("Send PASS"));
+                self.state = State::Authorization {
+                    user: Some(sasl::username(name)),
+                };
+            }
             Command::Pass(password) => match user {
                 Some(username) => {
                     self.authenticate(Credentials {

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use super::parse::{self, Response};
 use crate::proto::sasl;
 use crate::proto::{
-    Frame, FrameLimits, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+    Frame, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -39,12 +39,6 @@ enum State {
     },
     Done,
 }
-
-/// Upstream lines before login are short; CAPA lines are at most 512.
-const UPSTREAM_LIMITS: FrameLimits = FrameLimits {
-    max_line: 64 * 1024,
-    max_literal: 0,
-};
 
 /// Logs in at a POP3 upstream with XOAUTH2. Fed upstream bytes, yields
 /// [`UpstreamAction`]s until `LoggedIn` or `Failed`.
@@ -181,18 +175,32 @@ impl Upstream {
     }
 
     fn rejected(&mut self, status: Option<u16>, code: Option<&[u8]>) {
-        let in_use = code.is_some_and(|c| c.eq_ignore_ascii_case(b"IN-USE"));
-        self.finish(UpstreamAction::Failed(UpstreamFailure::Rejected {
-            status,
-            in_use,
-        }));
+        // RFC 3206: SYS/TEMP and SYS/PERM blame the system, not the user.
+        let failure = match code {
+            Some(c) if c.to_ascii_uppercase().starts_with(b"SYS/") => UpstreamFailure::Unavailable(
+                format!("upstream answered -ERR [{}]", String::from_utf8_lossy(c)),
+            ),
+            Some(c) if c.eq_ignore_ascii_case(b"IN-USE") => UpstreamFailure::Rejected {
+                status,
+                in_use: true,
+            },
+            _ => UpstreamFailure::Rejected {
+                status,
+                in_use: false,
+            },
+        };
+        self.finish(UpstreamAction::Failed(failure));
     }
 }
 
-/// `[AUTH]` and `[IN-USE]` are verdicts on the login itself, not on the
-/// form of the command.
+/// `[AUTH]`, `[IN-USE]` and `[SYS/...]` are verdicts on the login itself,
+/// not on the form of the command.
 fn is_auth_failure(code: Option<&[u8]>) -> bool {
-    code.is_some_and(|c| c.eq_ignore_ascii_case(b"AUTH") || c.eq_ignore_ascii_case(b"IN-USE"))
+    code.is_some_and(|c| {
+        c.eq_ignore_ascii_case(b"AUTH")
+            || c.eq_ignore_ascii_case(b"IN-USE")
+            || c.to_ascii_uppercase().starts_with(b"SYS/")
+    })
 }
 
 impl UpstreamLogin for Upstream {

@@ -27,8 +27,25 @@ impl Default for FrameLimits {
     }
 }
 
-/// One framing result.
-#[derive(Debug, PartialEq, Eq)]
+impl FrameLimits {
+    /// The largest whole command: a line's worth of command text plus two
+    /// literals (LOGIN's user and password). Chaining more literals can't
+    /// grow a command past this.
+    pub fn max_command(&self) -> usize {
+        self.max_line
+            .saturating_add(self.max_literal.saturating_mul(2))
+    }
+}
+
+/// Limits for upstream responses before login: capability lists and
+/// greetings are long, but nothing legitimate comes near 64 KiB.
+pub const UPSTREAM_LIMITS: FrameLimits = FrameLimits {
+    max_line: 64 * 1024,
+    max_literal: 0,
+};
+
+/// One framing result. `Debug` shows sizes only: frames carry passwords.
+#[derive(PartialEq, Eq)]
 pub enum Frame {
     /// A complete line or command, including its line ending.
     Complete(BytesMut),
@@ -44,11 +61,31 @@ pub enum Frame {
     LiteralTooLarge { head: BytesMut, synchronizing: bool },
 }
 
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Complete(b) => write!(f, "Complete(<{} bytes>)", b.len()),
+            Self::LiteralAnnounced => f.write_str("LiteralAnnounced"),
+            Self::TooLong { head } => write!(f, "TooLong(<{} bytes>)", head.len()),
+            Self::LiteralTooLarge {
+                head,
+                synchronizing,
+            } => {
+                write!(
+                    f,
+                    "LiteralTooLarge(<{} bytes>, synchronizing: {synchronizing})",
+                    head.len()
+                )
+            }
+        }
+    }
+}
+
 /// How many bytes of a discarded line are kept to find its tag.
 const HEAD_LEN: usize = 64;
 
 /// A resumable framer. Feed it the same buffer as bytes arrive.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Framer {
     limits: FrameLimits,
     /// Bytes of the current command already accepted (lines and literals).
@@ -59,6 +96,17 @@ pub struct Framer {
     literal: Option<usize>,
     /// The head of an overlong line that is being discarded.
     discarding: Option<BytesMut>,
+}
+
+impl std::fmt::Debug for Framer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framer")
+            .field("limits", &self.limits)
+            .field("pos", &self.pos)
+            .field("literal", &self.literal)
+            .field("discarding", &self.discarding.is_some())
+            .finish()
+    }
 }
 
 impl Framer {
@@ -113,14 +161,16 @@ impl Framer {
                 return None;
             };
             let lf = self.scan + offset;
-            if lf + 1 - self.pos > self.limits.max_line {
+            if lf + 1 - self.pos > self.limits.max_line || lf + 1 > self.limits.max_command() {
                 let head = self.take_head(buf);
                 buf.advance(lf + 1);
                 return Some(Frame::TooLong { head });
             }
             if literals {
                 if let Some((n, synchronizing)) = literal_marker(&buf[self.pos..lf]) {
-                    if n > self.limits.max_literal {
+                    if n > self.limits.max_literal
+                        || (lf + 1).saturating_add(n) > self.limits.max_command()
+                    {
                         let head = self.take_head(buf);
                         buf.advance(lf + 1);
                         return Some(Frame::LiteralTooLarge {
@@ -262,6 +312,43 @@ mod tests {
         let got = frames(b"t LOGIN {99999999999999999999+}\r\n", 64, true, limits);
         // An unparseable count is not a literal: the line is a plain command.
         assert!(matches!(&got[..], [Frame::Complete(_)]));
+    }
+
+    /// Chained literals can't grow one command without bound: a command
+    /// is capped at `max_command` whatever its shape.
+    #[test]
+    fn chained_literals_hit_the_command_cap() {
+        let limits = FrameLimits {
+            max_line: 64,
+            max_literal: 8,
+        };
+        let mut input = b"a LOGIN {8+}\r\n12345678".to_vec();
+        for _ in 0..10 {
+            input.extend_from_slice(b" {8+}\r\n12345678");
+        }
+        input.extend_from_slice(b"\r\n");
+        for chunk in CHUNKS {
+            let got = frames(&input, chunk.min(input.len()), true, limits);
+            assert!(
+                matches!(
+                    got.first(),
+                    Some(Frame::LiteralTooLarge {
+                        synchronizing: false,
+                        ..
+                    })
+                ),
+                "chunk {chunk}: {got:?}"
+            );
+        }
+        let mut zeros = b"a LOGIN".to_vec();
+        for _ in 0..100 {
+            zeros.extend_from_slice(b" {0+}\r\n");
+        }
+        let got = frames(&zeros, 7, true, limits);
+        assert!(
+            !got.iter().any(|f| matches!(f, Frame::Complete(_))),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::secret::Secret;
 
-pub use frame::{Frame, FrameLimits, Framer};
+pub use frame::{Frame, FrameLimits, Framer, UPSTREAM_LIMITS};
 
 /// The local credentials a client presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,9 @@ pub enum UpstreamFailure {
     /// The upstream rejected the token. `status` is the HTTP-like status from
     /// the provider's error challenge (400, 401, ...), when it sent one.
     Rejected { status: Option<u16>, in_use: bool },
+    /// The upstream can't serve the login now (IMAP `[UNAVAILABLE]`, POP3
+    /// `[SYS/TEMP]` or `[SYS/PERM]`): not the credentials' fault.
+    Unavailable(String),
     /// The upstream said something we can't follow, or said goodbye.
     Protocol(String),
 }

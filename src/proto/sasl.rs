@@ -14,8 +14,8 @@ pub enum SaslError {
     Base64,
     #[error("malformed PLAIN message")]
     Plain,
-    #[error("username is not UTF-8")]
-    Utf8,
+    #[error("authorization identity differs from the authentication identity")]
+    Authzid,
 }
 
 /// Decodes one base64 line of a SASL exchange. `=` is the empty response
@@ -31,33 +31,35 @@ pub fn decode_base64(line: &[u8]) -> Result<Vec<u8>, SaslError> {
 }
 
 /// Decodes a base64 PLAIN message: `[authzid] NUL authcid NUL passwd`
-/// (RFC 4616 §2). The gateway logs in as `authcid`; `authzid` is ignored.
+/// (RFC 4616 §2). The gateway logs in as `authcid`. Acting as another user
+/// is not offered, so an `authzid` other than `authcid` is refused.
 ///
 /// # Errors
-/// When the base64, the framing or the username's UTF-8 is wrong.
+/// When the base64 or the framing is wrong, or the authzid differs.
 pub fn decode_plain(line: &[u8]) -> Result<Credentials, SaslError> {
     let message = decode_base64(line)?;
     let mut parts = message.splitn(3, |&b| b == 0);
-    let (Some(_authzid), Some(authcid), Some(password)) =
-        (parts.next(), parts.next(), parts.next())
+    let (Some(authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next())
     else {
         return Err(SaslError::Plain);
     };
     if authcid.is_empty() || password.contains(&0) {
         return Err(SaslError::Plain);
     }
+    if !authzid.is_empty() && authzid != authcid {
+        return Err(SaslError::Authzid);
+    }
     Ok(Credentials {
-        username: username(authcid)?,
+        username: username(authcid),
         password: Secret::new(password.to_vec()),
     })
 }
 
-/// A username from a LOGIN step or an IMAP argument.
-///
-/// # Errors
-/// [`SaslError::Utf8`] when it is not UTF-8.
-pub fn username(bytes: &[u8]) -> Result<String, SaslError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| SaslError::Utf8)
+/// A username from a LOGIN step or an IMAP argument. Invalid UTF-8 is
+/// replaced, not refused: such a name matches no account, and goes through
+/// the same verification and delay as any wrong credentials.
+pub fn username(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The base64 XOAUTH2 initial response:
@@ -173,7 +175,7 @@ impl Exchange {
         match std::mem::replace(&mut self.step, ExchangeStep::Plain) {
             ExchangeStep::Plain => Ok(Step::Done(decode_plain(line)?)),
             ExchangeStep::LoginUsername => {
-                let username = username(&decode_base64(line)?)?;
+                let username = username(&decode_base64(line)?);
                 self.step = ExchangeStep::LoginPassword { username };
                 Ok(Step::Challenge(LOGIN_PASSWORD_PROMPT))
             }
@@ -195,7 +197,7 @@ mod tests {
 
     #[test]
     fn plain_uses_authcid_and_keeps_password_bytes() {
-        let c = decode_plain(&b64(b"admin\0alice\0p\xc3\xa4ss word")).unwrap();
+        let c = decode_plain(&b64(b"alice\0alice\0p\xc3\xa4ss word")).unwrap();
         assert_eq!(c.username, "alice");
         assert_eq!(c.password.expose(), b"p\xc3\xa4ss word");
         let c = decode_plain(&b64(b"\0bob\0x")).unwrap();
@@ -208,7 +210,14 @@ mod tests {
         assert_eq!(decode_plain(&b64(b"alice\0pw")), Err(SaslError::Plain));
         assert_eq!(decode_plain(&b64(b"\0\0pw")), Err(SaslError::Plain));
         assert_eq!(decode_plain(&b64(b"\0a\0p\0w")), Err(SaslError::Plain));
-        assert_eq!(decode_plain(&b64(b"\0\xff\0pw")), Err(SaslError::Utf8));
+        assert_eq!(
+            decode_plain(&b64(b"admin\0alice\0pw")),
+            Err(SaslError::Authzid)
+        );
+        assert_eq!(
+            decode_plain(&b64(b"\0\xff\0pw")).unwrap().username,
+            "\u{fffd}"
+        );
         assert_eq!(decode_plain(b"="), Err(SaslError::Plain));
     }
 

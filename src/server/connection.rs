@@ -2,13 +2,16 @@
 //! session, the upstream login, then the relay. This is the one place that
 //! runs a session against the wire.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, Instrument as _};
 
@@ -18,7 +21,7 @@ use super::Gateway;
 use crate::config::{ListenerTls, Protocol};
 use crate::proto::{Action, ClientSession, LoginFailure};
 
-/// How a connection ended, for the log line.
+/// How a connection ended before login, for the log line.
 #[derive(Debug, thiserror::Error)]
 enum Closed {
     #[error("client closed the connection")]
@@ -31,9 +34,16 @@ enum Closed {
     HandshakeTimeout,
     #[error("no login before the pre-auth timeout")]
     PreAuthTimeout,
-    #[error("session ended before login")]
+    #[error("the gateway is shutting down")]
+    Shutdown,
+    #[error("client logged out")]
     Logout,
+    #[error("session state error: {0}")]
+    Internal(&'static str),
 }
+
+/// How long a goodbye (`* BYE`, `-ERR`) may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one accepted connection on a listener.
 pub async fn serve(
@@ -42,10 +52,16 @@ pub async fn serve(
     peer: SocketAddr,
     protocol: Protocol,
     tls: ListenerTls,
+    shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("conn", %peer, ?protocol);
     async move {
         let started = Instant::now();
+        let connection = Connection {
+            gateway: &gateway,
+            protocol,
+            shutdown,
+        };
         let result = match protocol {
             Protocol::Imap => {
                 let session = crate::imap::Session::new(crate::imap::Options {
@@ -54,7 +70,7 @@ pub async fn serve(
                     loopback_plaintext: tls == ListenerTls::Plaintext,
                     limits: gateway.frame_limits(),
                 });
-                run(&gateway, tcp, protocol, tls, session).await
+                connection.run(tcp, tls, session).await
             }
             Protocol::Pop3 => {
                 let session = crate::pop3::Session::new(crate::pop3::Options {
@@ -63,7 +79,7 @@ pub async fn serve(
                     loopback_plaintext: tls == ListenerTls::Plaintext,
                     limits: gateway.frame_limits(),
                 });
-                run(&gateway, tcp, protocol, tls, session).await
+                connection.run(tcp, tls, session).await
             }
         };
         let elapsed_ms = started.elapsed().as_millis();
@@ -72,6 +88,7 @@ pub async fn serve(
                 account = %relayed.account,
                 bytes_from_client = relayed.from_client,
                 bytes_from_upstream = relayed.from_upstream,
+                error = relayed.error.as_deref().unwrap_or(""),
                 elapsed_ms,
                 "session closed"
             ),
@@ -87,94 +104,152 @@ struct Relayed {
     account: String,
     from_client: u64,
     from_upstream: u64,
+    error: Option<String>,
 }
 
-async fn run<S: ClientSession>(
-    gateway: &Gateway,
-    tcp: TcpStream,
+struct Connection<'a> {
+    gateway: &'a Gateway,
     protocol: Protocol,
-    tls: ListenerTls,
-    mut session: S,
-) -> Result<Relayed, Closed> {
-    let limits = gateway.limits();
-    let _ = tcp.set_nodelay(true);
-    let mut client: ClientStream = match tls {
-        ListenerTls::Implicit => Stream::Tls(Box::new(handshake(gateway, tcp).await?)),
-        ListenerTls::StartTls | ListenerTls::Plaintext => Stream::Plain(tcp),
-    };
-    let deadline = Instant::now() + limits.pre_auth_timeout;
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut upstream: Option<(String, LoggedIn)> = None;
-    loop {
-        while let Some(action) = session.next_action() {
-            match action {
-                Action::Send(bytes) => {
-                    client.write_all(&bytes).await?;
-                    client.flush().await?;
-                }
-                Action::StartTls => {
-                    let tcp = client.into_plain().ok_or(Closed::Logout)?;
-                    client = Stream::Tls(Box::new(handshake(gateway, tcp).await?));
-                    session.tls_established();
-                }
-                Action::Authenticate(credentials) => {
-                    match gateway.login(protocol, &credentials).await {
-                        Ok((account, logged_in)) => {
-                            session.login_succeeded(&logged_in.capabilities);
-                            upstream = Some((account, logged_in));
-                        }
-                        Err(failure) => {
-                            if failure == LoginFailure::BadCredentials {
-                                tokio::time::sleep(limits.login_failure_delay).await;
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection<'_> {
+    async fn run<S: ClientSession>(
+        mut self,
+        tcp: TcpStream,
+        tls: ListenerTls,
+        mut session: S,
+    ) -> Result<Relayed, Closed> {
+        let limits = self.gateway.limits();
+        let _ = tcp.set_nodelay(true);
+        // One deadline covers everything before login: the handshake,
+        // reads, and writes to a client that doesn't read.
+        let deadline = Instant::now() + limits.pre_auth_timeout;
+        let mut client: ClientStream = match tls {
+            ListenerTls::Implicit => Stream::Tls(Box::new(self.handshake(tcp).await?)),
+            ListenerTls::StartTls | ListenerTls::Plaintext => Stream::Plain(tcp),
+        };
+        let result = self.pre_auth(&mut client, &mut session, deadline).await;
+        match result {
+            Ok((account, logged_in, to_upstream)) => {
+                info!(%account, "logged in");
+                relay(account, client, logged_in, &to_upstream).await
+            }
+            Err(closed @ (Closed::PreAuthTimeout | Closed::Shutdown)) => {
+                session.shutdown();
+                goodbye(&mut client, &mut session).await;
+                Err(closed)
+            }
+            Err(closed) => Err(closed),
+        }
+    }
+
+    /// The session until it splices: returns the account, the upstream
+    /// connection, and client bytes for the upstream.
+    async fn pre_auth<S: ClientSession>(
+        &mut self,
+        client: &mut ClientStream,
+        session: &mut S,
+        deadline: Instant,
+    ) -> Result<(String, LoggedIn, bytes::Bytes), Closed> {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut upstream: Option<(String, LoggedIn)> = None;
+        loop {
+            while let Some(action) = session.next_action() {
+                match action {
+                    Action::Send(bytes) => {
+                        within(deadline, async {
+                            client.write_all(&bytes).await?;
+                            client.flush().await
+                        })
+                        .await??;
+                    }
+                    Action::StartTls => {
+                        let tcp = client
+                            .take_plain()
+                            .ok_or(Closed::Internal("STARTTLS on TLS"))?;
+                        *client =
+                            Stream::Tls(Box::new(within(deadline, self.handshake(tcp)).await??));
+                        session.tls_established();
+                    }
+                    Action::Authenticate(credentials) => {
+                        match self.gateway.login(self.protocol, &credentials).await {
+                            Ok((account, logged_in)) => {
+                                session.login_succeeded(&logged_in.capabilities);
+                                upstream = Some((account, logged_in));
                             }
-                            session.login_failed(failure);
+                            Err(failure) => {
+                                if failure == LoginFailure::BadCredentials {
+                                    tokio::time::sleep(self.gateway.limits().login_failure_delay)
+                                        .await;
+                                }
+                                session.login_failed(failure);
+                            }
                         }
                     }
-                }
-                Action::Splice { to_upstream } => {
-                    let Some((account, logged_in)) = upstream.take() else {
+                    Action::Splice { to_upstream } => {
+                        let (account, logged_in) = upstream
+                            .take()
+                            .ok_or(Closed::Internal("splice before login"))?;
+                        return Ok((account, logged_in, to_upstream));
+                    }
+                    Action::Close => {
+                        let _ = timeout(GOODBYE_TIMEOUT, client.shutdown()).await;
                         return Err(Closed::Logout);
-                    };
-                    info!(%account, "logged in");
-                    return relay(account, client, logged_in, &to_upstream).await;
+                    }
                 }
-                Action::Close => {
-                    let _ = client.shutdown().await;
-                    return Err(Closed::Logout);
-                }
+            }
+            buf.clear();
+            let read = tokio::select! {
+                read = timeout_at(deadline, client.read_buf(&mut buf)) => read.map_err(|_| Closed::PreAuthTimeout)?,
+                _ = self.shutdown.changed() => return Err(Closed::Shutdown),
+            };
+            match read {
+                Ok(0) => return Err(Closed::ClientGone),
+                Ok(_) => session.feed(&buf),
+                Err(e) => return Err(e.into()),
             }
         }
-        buf.clear();
-        match timeout_at(deadline, client.read_buf(&mut buf)).await {
-            Err(_) => {
-                session.shutdown();
-                // Best effort goodbye; the session queued BYE / -ERR.
-                while let Some(Action::Send(bytes)) = session.next_action() {
-                    let _ = client.write_all(&bytes).await;
-                }
-                return Err(Closed::PreAuthTimeout);
-            }
-            Ok(Ok(0)) => return Err(Closed::ClientGone),
-            Ok(Ok(_)) => session.feed(&buf),
-            Ok(Err(e)) => return Err(e.into()),
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Closed> {
+        match timeout(
+            self.gateway.limits().tls_handshake_timeout,
+            self.gateway.acceptor().accept(tcp),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => Err(Closed::Handshake(e)),
+            Err(_) => Err(Closed::HandshakeTimeout),
         }
     }
 }
 
-async fn handshake(
-    gateway: &Gateway,
-    tcp: TcpStream,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Closed> {
-    match timeout(
-        gateway.limits().tls_handshake_timeout,
-        gateway.acceptor().accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(Closed::Handshake(e)),
-        Err(_) => Err(Closed::HandshakeTimeout),
+/// Runs `f` unless `deadline` passes first.
+async fn within<T>(deadline: Instant, f: impl Future<Output = T>) -> Result<T, Closed> {
+    timeout_at(deadline, f)
+        .await
+        .map_err(|_| Closed::PreAuthTimeout)
+}
+
+/// Writes whatever goodbye the session queued, briefly.
+async fn goodbye<S: ClientSession>(client: &mut ClientStream, session: &mut S) {
+    let mut bytes = Vec::new();
+    while let Some(action) = session.next_action() {
+        if let Action::Send(b) = action {
+            bytes.extend_from_slice(&b);
+        }
     }
+    let _ = timeout(GOODBYE_TIMEOUT, async {
+        client.write_all(&bytes).await?;
+        client.flush().await?;
+        client.shutdown().await
+    })
+    .await;
 }
 
 /// Forwards what each side had buffered, then copies both ways unchanged.
@@ -197,12 +272,15 @@ async fn relay(
         upstream.write_all(to_upstream).await?;
         upstream.flush().await?;
     }
-    let (from_client, from_upstream) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
+    // TODO(#7): a relay that counts bytes on error too, with an idle timeout.
+    let (counts, error) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(counts) => (counts, None),
+        Err(e) => ((0, 0), Some(e.to_string())),
+    };
     Ok(Relayed {
         account,
-        from_client: from_client + to_upstream.len() as u64,
-        from_upstream: from_upstream + to_client.len() as u64,
+        from_client: counts.0 + to_upstream.len() as u64,
+        from_upstream: counts.1 + to_client.len() as u64,
+        error,
     })
 }

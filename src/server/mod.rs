@@ -28,6 +28,12 @@ pub struct Gateway {
     acceptor: TlsAcceptor,
     /// One connector per extra CA file (`None`: webpki roots only).
     connectors: upstream::Connectors,
+    /// Open client connections, at most `limits.max_connections`.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// argon2 verifications in flight, at most one per core: each takes
+    /// ~19 MiB and a core's worth of time, and a crowd of wrong passwords
+    /// must not take the memory with it.
+    verifications: tokio::sync::Semaphore,
 }
 
 impl Gateway {
@@ -39,7 +45,10 @@ impl Gateway {
         acceptor: TlsAcceptor,
         connectors: upstream::Connectors,
     ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         Self {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+            verifications: tokio::sync::Semaphore::new(cores),
             config,
             accounts,
             tokens,
@@ -101,12 +110,19 @@ impl Gateway {
 
     async fn verify(&self, credentials: &Credentials) -> Result<Arc<Account>, LoginFailure> {
         // argon2 takes tens of milliseconds of CPU: keep it off the I/O threads.
+        let _permit = self
+            .verifications
+            .acquire()
+            .await
+            .map_err(|_| LoginFailure::Unavailable)?;
         let accounts = self.accounts.clone();
         let presented = credentials.clone();
         match tokio::task::spawn_blocking(move || accounts.verify(&presented)).await {
             Ok(Ok(account)) => Ok(account),
             Ok(Err(_)) => {
-                info!(username = %credentials.username, "local login failed");
+                // Debug-quoted and cut short: a client chooses these bytes.
+                let username: String = credentials.username.chars().take(64).collect();
+                info!(username = ?username, "local login failed");
                 Err(LoginFailure::BadCredentials)
             }
             Err(e) => {
@@ -166,6 +182,7 @@ fn upstream_failure(account: &Account, e: UpstreamError) -> LoginFailure {
     match e {
         UpstreamError::Rejected { in_use: true, .. } => LoginFailure::InUse,
         UpstreamError::Rejected { .. } => LoginFailure::BadCredentials,
+        UpstreamError::Unavailable(_) => LoginFailure::Unavailable,
         _ => LoginFailure::Unavailable,
     }
 }
@@ -201,7 +218,9 @@ pub async fn bind(config: &Config) -> std::io::Result<Vec<Bound>> {
     Ok(bound)
 }
 
-/// Accepts connections on `bound` until `shutdown` fires.
+/// Accepts connections on `bound` until `shutdown` fires. Each connection
+/// holds a permit from the gateway's connection limit; at the limit the
+/// loop stops accepting until one closes.
 pub async fn accept_loop(
     gateway: Arc<Gateway>,
     bound: Bound,
@@ -209,11 +228,22 @@ pub async fn accept_loop(
 ) {
     let Bound { listener, config } = bound;
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => return,
+            permit = gateway.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    tokio::spawn(connection::serve(gateway.clone(), tcp, peer, config.protocol, config.tls));
+                    let connection = connection::serve(gateway.clone(), tcp, peer, config.protocol, config.tls, shutdown.clone());
+                    tokio::spawn(async move {
+                        connection.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

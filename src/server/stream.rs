@@ -11,6 +11,15 @@ use tokio::net::TcpStream;
 pub enum Stream<T> {
     Plain(TcpStream),
     Tls(Box<T>),
+    /// Taken for an upgrade in place; any I/O on it fails.
+    Taken,
+}
+
+fn taken() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "stream taken for a TLS upgrade",
+    )
 }
 
 impl<T> Stream<T> {
@@ -19,8 +28,13 @@ impl<T> Stream<T> {
     pub fn into_plain(self) -> Option<TcpStream> {
         match self {
             Self::Plain(tcp) => Some(tcp),
-            Self::Tls(_) => None,
+            Self::Tls(_) | Self::Taken => None,
         }
+    }
+
+    /// Takes the TCP stream out for an upgrade, leaving `Taken` behind.
+    pub fn take_plain(&mut self) -> Option<TcpStream> {
+        std::mem::replace(self, Self::Taken).into_plain()
     }
 }
 
@@ -33,6 +47,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Taken => Poll::Ready(Err(taken())),
         }
     }
 }
@@ -46,6 +61,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Taken => Poll::Ready(Err(taken())),
         }
     }
 
@@ -57,6 +73,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Taken => Poll::Ready(Err(taken())),
         }
     }
 
@@ -64,6 +81,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         match self {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
+            Self::Taken => false,
         }
     }
 
@@ -71,6 +89,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Taken => Poll::Ready(Ok(())),
         }
     }
 
@@ -78,6 +97,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Taken => Poll::Ready(Ok(())),
         }
     }
 }

@@ -37,6 +37,8 @@ pub enum UpstreamError {
     Rejected { status: Option<u16>, in_use: bool },
     #[error("upstream protocol: {0}")]
     Protocol(String),
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<UpstreamFailure> for UpstreamError {
@@ -44,6 +46,7 @@ impl From<UpstreamFailure> for UpstreamError {
         match f {
             UpstreamFailure::Rejected { status, in_use } => Self::Rejected { status, in_use },
             UpstreamFailure::Protocol(why) => Self::Protocol(why),
+            UpstreamFailure::Unavailable(why) => Self::Unavailable(why),
         }
     }
 }
