@@ -63,8 +63,12 @@ fn every_example_config_parses() {
                 std::fs::write(&secret, "s\n").unwrap();
                 let text = text.replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap());
                 // Certificate files named by the examples, made here.
-                let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-                let (cert, key) = (jail.directory().join("cert.pem"), jail.directory().join("key.pem"));
+                let generated =
+                    rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+                let (cert, key) = (
+                    jail.directory().join("cert.pem"),
+                    jail.directory().join("key.pem"),
+                );
                 std::fs::write(&cert, generated.cert.pem()).unwrap();
                 std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
                 let text = text

@@ -330,6 +330,7 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
         upstream: (upstream.to_string(), "implicit"),
         pop3_upstream: (upstream.to_string(), "implicit"),
         token_url: Some(format!("http://{oauth}/token")),
+        integration_extra: String::new(),
     };
     // No background refresh: only logins may cause token requests here.
     let gateway = Gateway::start_with(&[account], "refresh_in_background = false").await;

@@ -127,6 +127,9 @@ pub struct OAuthSettings {
     /// Keep every account's token fresh in the background (default), or
     /// only refresh when a login needs a token.
     pub refresh_in_background: bool,
+    /// The first wait after a transient token failure; it doubles up to
+    /// 10 minutes.
+    pub retry_backoff: Duration,
 }
 
 /// The HTTP listener: the OAuth redirect URL (and, later, metrics).
@@ -147,6 +150,8 @@ pub enum HttpTls {
 
 /// Token endpoint calls are small; 30 s is patient but bounded.
 pub const DEFAULT_OAUTH_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A first retry after 5 s rides out a blip without hammering an outage.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 /// Some Microsoft endpoints reject tokens with less than ~10 minutes left.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
 
@@ -378,6 +383,12 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             false,
         )?,
         refresh_in_background: raw.oauth.refresh_in_background.unwrap_or(true),
+        retry_backoff: bounded(
+            "oauth.retry_backoff",
+            raw.oauth.retry_backoff,
+            DEFAULT_RETRY_BACKOFF,
+            true,
+        )?,
         notify_command: match raw.oauth.notify_command {
             Some(argv) if argv.first().is_none_or(String::is_empty) => {
                 return Err(invalid("oauth.notify_command", "must name a program"))

@@ -107,6 +107,8 @@ pub struct OAuth {
     pub notify_command: Option<Vec<String>>,
     pub notify_url: Option<String>,
     pub refresh_in_background: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_backoff: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

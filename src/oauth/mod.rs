@@ -57,6 +57,27 @@ fn unix_now() -> u64 {
 
 /// One account's token state in this process: a mirror of its store
 /// record, plus when to use and retry.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let first = Duration::from_secs(5);
+        for failures in 0..20 {
+            let base = first
+                .saturating_mul(1 << failures.min(10))
+                .min(Duration::from_secs(600));
+            let wait = backoff(first, failures);
+            assert!(
+                wait >= base && wait <= base + base / 2,
+                "{failures}: {wait:?}"
+            );
+        }
+        assert!(backoff(first, 30) <= Duration::from_secs(900));
+    }
+}
+
 #[derive(Default)]
 struct AccountState {
     /// The store file's modification time when last read or written; a
@@ -81,15 +102,16 @@ pub struct Tokens {
     http: TokenHttp,
     store: Arc<TokenStore>,
     refresh_margin: Duration,
+    retry_backoff: Duration,
     notifier: Notifier,
     accounts: HashMap<String, AccountTokens>,
 }
 
-/// Back-off after transient failures: 5 s doubling to 10 minutes, with up
-/// to 50 % jitter so that many accounts don't retry in step.
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(5)
-        .saturating_mul(1 << failures.min(7))
+/// Back-off after transient failures: `first` doubling to 10 minutes, with
+/// up to 50 % jitter so that many accounts don't retry in step.
+fn backoff(first: Duration, failures: u32) -> Duration {
+    let base = first
+        .saturating_mul(1 << failures.min(10))
         .min(Duration::from_secs(600));
     let mut byte = [0u8; 1];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
@@ -115,6 +137,7 @@ impl Tokens {
             http: TokenHttp(http),
             store: Arc::new(store),
             refresh_margin: config.oauth.refresh_margin,
+            retry_backoff: config.oauth.retry_backoff,
             accounts: config
                 .accounts
                 .iter()
@@ -247,7 +270,7 @@ impl Tokens {
                 Err(TokenError::NeedsAuthorization(_)) => {}
                 Err(e) => {
                     state.failures += 1;
-                    let wait = backoff(state.failures - 1);
+                    let wait = backoff(self.retry_backoff, state.failures - 1);
                     warn!(account = %entry.account.name, error = %e, retry_in_s = wait.as_secs(), "token refresh failed; will retry");
                     let at = Instant::now() + wait;
                     state.retry_at = Some(at);

@@ -24,6 +24,10 @@ pub struct Harness {
     pub oauth_token_url: String,
     pub oauth_auth_url: String,
     pub oauth_revocation_url: String,
+    pub oauth_device_url: String,
+    pub client_jwt_key: PathBuf,
+    pub client_jwt_cert: PathBuf,
+    pub service_account_json: PathBuf,
     pub imap_port: u16,
     pub imaps_port: u16,
     pub pop3_port: u16,
@@ -169,24 +173,35 @@ pub struct Account {
     pub pop3_upstream: (String, &'static str),
     /// Overrides the token endpoint (fault tests).
     pub token_url: Option<String>,
+    /// More lines for the account's `[integrations.NAME]` table.
+    pub integration_extra: String,
 }
 
 impl Account {
     /// An account for `mailbox` at the harness's Dovecot over implicit TLS,
     /// authorized through the real OAuth server.
     pub fn authorized(name: &'static str, mailbox: &str) -> Self {
+        let grant = harness().authorize(CLIENT, mailbox);
+        Self {
+            refresh_token: Some(grant.refresh_token),
+            ..Self::authorized_without_grant(name, mailbox)
+        }
+    }
+
+    /// The same account, but without running the authorization flow.
+    pub fn authorized_without_grant(name: &'static str, mailbox: &str) -> Self {
         let h = harness();
-        let grant = h.authorize(CLIENT, mailbox);
         Self {
             name,
             password: "s3cret!",
             mailbox: mailbox.to_owned(),
             client: CLIENT,
             grant: "authorization_code",
-            refresh_token: Some(grant.refresh_token),
+            refresh_token: None,
             upstream: (format!("127.0.0.1:{}", h.imaps_port), "implicit"),
             pop3_upstream: (format!("127.0.0.1:{}", h.pop3s_port), "implicit"),
             token_url: None,
+            integration_extra: String::new(),
         }
     }
 }
@@ -278,87 +293,37 @@ impl Gateway {
         failure_delay: &str,
         trust_harness_ca: bool,
     ) -> Self {
-        let h = harness();
-        let mut toml = format!(
-            r#"
-state_dir = "{state}"
-[certificate]
-cert = "{dir}/server.pem"
-key = "{dir}/server.key"
-[[listeners]]
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "implicit"
-[[listeners]]
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "starttls"
-[[listeners]]
-protocol = "pop3"
-address = "127.0.0.1:0"
-tls = "implicit"
-[[listeners]]
-protocol = "pop3"
-address = "127.0.0.1:0"
-tls = "starttls"
-[limits]
-login_failure_delay = "{failure_delay}"
-[oauth]
-allow_insecure_loopback_http = true
-{oauth}
-"#,
-            state = state.path().display(),
-            dir = h.harness_dir.display(),
-        );
-        for a in accounts {
-            toml.push_str(&format!(
-                r#"
-[integrations.{name}]
-provider = "custom"
-client_id = "{id}"
-client_secret = "{secret}"
-scopes = ["openid", "offline_access", "mail"]
-authorization_endpoint = "{auth}"
-token_endpoint = "{token}"
-[accounts.{name}]
-password_hash = "{hash}"
-integration = "{name}"
-mailbox = "{mailbox}"
-grant = "{grant}"
-{refresh}
-[accounts.{name}.imap]
-address = "{upstream}"
-tls = "{upstream_tls}"
-{ca}
-[accounts.{name}.pop3]
-address = "{pop3_upstream}"
-tls = "{pop3_upstream_tls}"
-{ca}
-"#,
-                name = a.name,
-                id = a.client.id,
-                secret = a.client.secret,
-                auth = h.oauth_auth_url,
-                token = a.token_url.as_deref().unwrap_or(&h.oauth_token_url),
-                hash = password_hash(a.password),
-                mailbox = a.mailbox,
-                grant = a.grant,
-                refresh = a
-                    .refresh_token
-                    .as_ref()
-                    .map(|t| format!("refresh_token = \"{t}\""))
-                    .unwrap_or_default(),
-                upstream = a.upstream.0,
-                upstream_tls = a.upstream.1,
-                pop3_upstream = a.pop3_upstream.0,
-                pop3_upstream_tls = a.pop3_upstream.1,
-                ca = if trust_harness_ca {
-                    format!("ca_file = \"{}\"", h.ca_file.display())
-                } else {
-                    String::new()
-                },
-            ));
+        let options = Options {
+            oauth: oauth.into(),
+            failure_delay: failure_delay.into(),
+            trust_harness_ca,
+            ..Options::default()
+        };
+        Self::start_options(state, accounts, &options).await
+    }
+
+    /// Starts a gateway from a config file (as the binary would read it),
+    /// binding its listeners on this process.
+    pub async fn start_config(path: &Path, state: tempfile::TempDir) -> Self {
+        let config = mailgate::config::Config::load(path).unwrap();
+        let running = mailgate::app::start(config).await.expect("gateway starts");
+        Self {
+            imaps: running.addresses[0],
+            imap: running.addresses[1],
+            pop3s: running.addresses[2],
+            pop3: running.addresses[3],
+            state,
+            running: Some(running),
         }
+    }
+
+    /// Starts a gateway with every option spelled out.
+    pub async fn start_options(
+        state: tempfile::TempDir,
+        accounts: &[Account],
+        options: &Options,
+    ) -> Self {
+        let toml = config_toml(state.path(), accounts, options);
         let config = mailgate::config::Config::from_figment(
             figment::Figment::new()
                 .merge(<figment::providers::Toml as figment::providers::Format>::string(&toml)),
@@ -390,6 +355,140 @@ tls = "{pop3_upstream_tls}"
             r.stop().await;
         }
     }
+}
+
+/// How a test gateway is configured beyond its accounts.
+pub struct Options {
+    /// Lines for the `[oauth]` table.
+    pub oauth: String,
+    pub failure_delay: String,
+    pub trust_harness_ca: bool,
+    /// An HTTP listener on this loopback port (plain HTTP).
+    pub http_port: Option<u16>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            oauth: String::new(),
+            failure_delay: "10ms".into(),
+            trust_harness_ca: true,
+            http_port: None,
+        }
+    }
+}
+
+/// A free loopback port, for listeners whose URL must be known before they
+/// bind (the OAuth redirect URL).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The TOML of a test gateway: the harness certificate, IMAP and POP3
+/// listeners (implicit TLS, then STARTTLS/STLS) on port 0, and one
+/// integration per account at the harness's OAuth server.
+pub fn config_toml(state: &Path, accounts: &[Account], options: &Options) -> String {
+    let h = harness();
+    let mut toml = format!(
+        r#"
+state_dir = "{state}"
+[certificate]
+cert = "{dir}/server.pem"
+key = "{dir}/server.key"
+[[listeners]]
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "implicit"
+[[listeners]]
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+[[listeners]]
+protocol = "pop3"
+address = "127.0.0.1:0"
+tls = "implicit"
+[[listeners]]
+protocol = "pop3"
+address = "127.0.0.1:0"
+tls = "starttls"
+[limits]
+login_failure_delay = "{failure_delay}"
+[oauth]
+allow_insecure_loopback_http = true
+{oauth}
+"#,
+        state = state.display(),
+        dir = h.harness_dir.display(),
+        failure_delay = options.failure_delay,
+        oauth = options.oauth,
+    );
+    if let Some(port) = options.http_port {
+        toml.push_str(&format!(
+            "[http]\naddress = \"127.0.0.1:{port}\"\ntls = \"plaintext\"\n"
+        ));
+    }
+    let ca = if options.trust_harness_ca {
+        format!("ca_file = \"{}\"", h.ca_file.display())
+    } else {
+        String::new()
+    };
+    for a in accounts {
+        let secret = if a.client.secret.is_empty() {
+            String::new()
+        } else {
+            format!("client_secret = \"{}\"", a.client.secret)
+        };
+        toml.push_str(&format!(
+            r#"
+[integrations.{name}]
+provider = "custom"
+client_id = "{id}"
+{secret}
+scopes = ["openid", "offline_access", "mail"]
+authorization_endpoint = "{auth}"
+token_endpoint = "{token}"
+device_authorization_endpoint = "{device}"
+{integration_extra}
+[accounts.{name}]
+password_hash = "{hash}"
+integration = "{name}"
+mailbox = "{mailbox}"
+grant = "{grant}"
+{refresh}
+[accounts.{name}.imap]
+address = "{upstream}"
+tls = "{upstream_tls}"
+{ca}
+[accounts.{name}.pop3]
+address = "{pop3_upstream}"
+tls = "{pop3_upstream_tls}"
+{ca}
+"#,
+            name = a.name,
+            id = a.client.id,
+            auth = h.oauth_auth_url,
+            token = a.token_url.as_deref().unwrap_or(&h.oauth_token_url),
+            device = h.oauth_device_url,
+            integration_extra = a.integration_extra,
+            hash = password_hash(a.password),
+            mailbox = a.mailbox,
+            grant = a.grant,
+            refresh = a
+                .refresh_token
+                .as_ref()
+                .map(|t| format!("refresh_token = \"{t}\""))
+                .unwrap_or_default(),
+            upstream = a.upstream.0,
+            upstream_tls = a.upstream.1,
+            pop3_upstream = a.pop3_upstream.0,
+            pop3_upstream_tls = a.pop3_upstream.1,
+        ));
+    }
+    toml
 }
 
 /// The token store of a gateway's state directory (default key file).
