@@ -302,3 +302,168 @@ fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
         accounts.verify(&creds("jira", b"wrong")).unwrap_err()
     );
 }
+
+fn with_http(toml: &str) -> String {
+    format!("{toml}\n[http]\naddress = \"127.0.0.1:8443\"\ntls = \"implicit\"\npublic_url = \"https://mailgate.example.com/gw/\"\n")
+}
+
+#[test]
+fn redirect_url_is_derived_from_the_public_url_and_changes_with_an_endpoint() {
+    let c = parse(&with_http(&base(""))).unwrap();
+    let url = c.redirect_url(&c.integrations["g"]).unwrap();
+    assert!(
+        url.as_str()
+            .starts_with("https://mailgate.example.com/gw/oauth2/callback/g-"),
+        "{url}"
+    );
+    let moved = parse(&with_http(&base("").replace(
+        "provider = \"google\"",
+        "provider = \"google\"\ntoken_endpoint = \"https://oauth2.example.com/token\"",
+    )))
+    .unwrap();
+    let moved_url = moved.redirect_url(&moved.integrations["g"]).unwrap();
+    assert_ne!(
+        url, moved_url,
+        "changing an endpoint must change the redirect URL"
+    );
+    // The same config gives the same URL: it is stable across restarts.
+    assert_eq!(
+        url,
+        parse(&with_http(&base("")))
+            .unwrap()
+            .redirect_url(&c.integrations["g"])
+            .unwrap()
+    );
+    // Without [http] there is no redirect URL.
+    assert!(parse(&base(""))
+        .unwrap()
+        .redirect_url(&c.integrations["g"])
+        .is_none());
+}
+
+#[test]
+fn redirect_url_command_prints_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.toml");
+    std::fs::write(&path, with_http(&base(""))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--config", path.to_str().unwrap(), "redirect-url", "g"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let c = parse(&with_http(&base(""))).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        c.redirect_url(&c.integrations["g"]).unwrap().as_str()
+    );
+}
+
+#[test]
+fn http_listener_rules() {
+    let plain_public = base("") + "\n[http]\naddress = \"0.0.0.0:80\"\ntls = \"plaintext\"\n";
+    assert!(error_of(&plain_public).contains("http.tls"));
+    let http_url = base("") + "\n[http]\naddress = \"0.0.0.0:443\"\ntls = \"implicit\"\npublic_url = \"http://mailgate.example.com\"\n";
+    assert!(error_of(&http_url).contains("http.public_url: must be https"));
+    let local = base("") + "\n[http]\naddress = \"127.0.0.1:8080\"\ntls = \"plaintext\"\n";
+    let c = parse(&local).unwrap();
+    assert_eq!(
+        c.http.unwrap().public_url.as_str(),
+        "http://127.0.0.1:8080/"
+    );
+}
+
+#[test]
+fn microsoft_clouds_tenants_and_device_endpoints() {
+    let ms = |extra: &str| {
+        parse(&base("").replace(
+            "provider = \"google\"",
+            &format!("provider = \"microsoft\"\n{extra}"),
+        ))
+        .unwrap()
+    };
+    let global = ms("tenant = \"organizations\"");
+    let i = &global.integrations["g"];
+    assert_eq!(
+        i.device_authorization_endpoint.as_ref().unwrap().as_str(),
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode"
+    );
+    let gov = ms("cloud = \"usgov\"");
+    let i = &gov.integrations["g"];
+    assert!(i
+        .token_endpoint
+        .as_str()
+        .starts_with("https://login.microsoftonline.us/common/"));
+    assert!(i
+        .scopes
+        .iter()
+        .any(|s| s == "https://outlook.office365.us/IMAP.AccessAsUser.All"));
+    assert_eq!(
+        gov.accounts["jira"].imap.as_ref().unwrap().host,
+        "outlook.office365.us"
+    );
+    let china = ms("cloud = \"china\"");
+    assert!(china.integrations["g"]
+        .authorization_endpoint
+        .as_str()
+        .starts_with("https://login.partner.microsoftonline.cn/"));
+    assert_eq!(
+        china.accounts["jira"].pop3.as_ref().unwrap().host,
+        "partner.outlook.cn"
+    );
+    // Google has no device endpoint for mail.
+    assert!(parse(&base("")).unwrap().integrations["g"]
+        .device_authorization_endpoint
+        .is_none());
+    assert!(error_of(&base("").replace(
+        "provider = \"google\"",
+        "provider = \"google\"\ncloud = \"china\""
+    ))
+    .contains("integrations.g.cloud"));
+}
+
+#[test]
+fn integration_tables_reject_unknown_keys_and_grants_need_their_credentials() {
+    assert!(error_of(&base("").replace(
+        "client_id = \"id\"",
+        "client_id = \"id\"\nclient_secrets = \"typo\""
+    ))
+    .contains("client_secrets"));
+    let cc = base("")
+        .replace("client_secret = \"very-secret-client-secret\"", "")
+        .replace(
+            "refresh_token = \"very-secret-refresh-token\"",
+            "grant = \"client_credentials\"",
+        );
+    assert!(error_of(&cc)
+        .contains("accounts.jira.grant: client_credentials needs a client secret or certificate"));
+    let jwt = base("").replace(
+        "refresh_token = \"very-secret-refresh-token\"",
+        "grant = \"jwt_bearer\"",
+    );
+    assert!(error_of(&jwt).contains("service_account_file"));
+    assert!(error_of(&base("").replace(
+        "provider = \"google\"",
+        "provider = \"google\"\nclient_secret_expires = \"2027-13-01\""
+    ))
+    .contains("client_secret_expires"));
+}
+
+#[test]
+fn the_store_key_comes_from_the_environment_or_a_key_file() {
+    Jail::expect_with(|jail| {
+        jail.set_env("MAILGATE_TOKEN_KEY", "ab".repeat(32));
+        let c = parse(&base("")).map_err(|e| e.to_string())?;
+        assert!(matches!(c.store_key, mailgate::oauth::KeySource::Hex(_)));
+        assert!(!format!("{:?}", c.store_key).contains("abab"));
+        Ok(())
+    });
+    let c = parse(&base("[store]\nkey_file = \"/etc/mailgate/token.key\"")).unwrap();
+    assert_eq!(
+        c.store_key,
+        mailgate::oauth::KeySource::File("/etc/mailgate/token.key".into())
+    );
+    assert_eq!(
+        parse(&base("")).unwrap().store_key,
+        mailgate::oauth::KeySource::File("/tmp/mg/token.key".into())
+    );
+}

@@ -86,33 +86,6 @@ async fn imaplib_logs_in_every_way_over_implicit_tls_and_fetches_identical_bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_starttls_and_upstream_starttls_fetch_identical_bytes() {
-    let h = harness();
-    h.seed("starttls@example.test");
-    let mut account = Account::authorized("starttls", "starttls@example.test");
-    account.upstream = (format!("127.0.0.1:{}", h.imap_port), "starttls");
-    let gateway = Gateway::start(&[account.clone()]).await;
-    // Client STARTTLS to the gateway, gateway STARTTLS to Dovecot.
-    imaplib_fetch(gateway.imap.port(), "starttls", &account, "literal").await;
-    imaplib_fetch(gateway.imap.port(), "starttls", &account, "authenticate").await;
-    // Client implicit TLS, upstream STARTTLS.
-    imaplib_fetch(gateway.imaps.port(), "ssl", &account, "quoted").await;
-    gateway.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_starttls_with_upstream_implicit_tls() {
-    harness().seed("mixed@example.test");
-    let account = Account::authorized("mixed", "mixed@example.test");
-    let gateway = Gateway::start(&[account.clone()]).await;
-    imaplib_fetch(gateway.imap.port(), "starttls", &account, "quoted").await;
-    gateway.stop().await;
-}
-
-/// curl fetches each message by UID; its default login is AUTHENTICATE
-/// PLAIN with SASL-IR; `AUTH=LOGIN` makes it use AUTHENTICATE LOGIN.
-/// (curl 7.88 rejects `AUTH=+LOGIN`; the LOGIN command is covered by imaplib.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_identical_bytes_with_authenticate_plain_and_login() {
     let h = harness();
     h.seed("curl@example.test");
@@ -668,4 +641,70 @@ async fn token_requests_follow_no_redirects_and_time_out() {
         "{reply:?}"
     );
     gateway.stop().await;
+}
+
+/// The upstream refuses every token for this mailbox (its `user=` is not
+/// the token's owner): one refresh, one retry, then a clean NO, and the
+/// provider's challenge never reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_a_fresh_token_too_gives_authenticationfailed() {
+    let account = Account {
+        mailbox: "somebody-else@example.test".into(),
+        ..Account::authorized("mismatch", "mismatch@example.test")
+    };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let before = gateway.stored_refresh_token("mismatch");
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    c.send(format!("a LOGIN mismatch {}\r\n", account.password).as_bytes())
+        .await;
+    let reply = c.until_tagged("a").await;
+    assert_eq!(
+        reply,
+        ["a NO [AUTHENTICATIONFAILED] Authentication failed"],
+        "{reply:?}"
+    );
+    assert_ne!(
+        gateway.stored_refresh_token("mismatch"),
+        before,
+        "the gateway refreshed once before giving up"
+    );
+    gateway.stop().await;
+}
+
+/// Every LOGIN form over every combination of client and upstream TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_login_form_over_every_tls_combination() {
+    let h = harness();
+    h.seed("matrix@example.test");
+    for upstream in [(h.imaps_port, "implicit"), (h.imap_port, "starttls")] {
+        let mut account = Account::authorized("matrix", "matrix@example.test");
+        account.upstream = (format!("127.0.0.1:{}", upstream.0), upstream.1);
+        let gateway = Gateway::start(&[account.clone()]).await;
+        for (port, mode) in [
+            (gateway.imaps.port(), "ssl"),
+            (gateway.imap.port(), "starttls"),
+        ] {
+            for login in ["atom", "quoted", "literal", "authenticate"] {
+                imaplib_fetch(port, mode, &account, login).await;
+            }
+        }
+        // curl's SASL-IR AUTHENTICATE PLAIN, STARTTLS client side.
+        let out = Command::new("curl")
+            .args(["--silent", "--show-error", "--ssl-reqd", "--cacert"])
+            .arg(&h.ca_file)
+            .arg("--user")
+            .arg(format!("{}:{}", account.name, account.password))
+            .arg(format!(
+                "imap://localhost:{}/INBOX;UID=1",
+                gateway.imap.port()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.stdout == h.seed_messages()[0],
+            "curl over STARTTLS, upstream {}",
+            upstream.1
+        );
+        gateway.stop().await;
+    }
 }

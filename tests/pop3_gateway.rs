@@ -388,3 +388,104 @@ async fn a_locked_mailbox_is_reported_in_use() {
     assert!(first.line().await.starts_with("+OK"));
     gateway.stop().await;
 }
+
+/// The upstream refuses every token for this mailbox: one refresh, then a
+/// clean -ERR [AUTH], checked at the byte level (poplib would take the
+/// provider's "+" challenge for success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_a_fresh_token_too_gives_auth() {
+    let account = Account {
+        mailbox: "somebody-else@example.test".into(),
+        ..Account::authorized("popmismatch", "popmismatch@example.test")
+    };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let (mut c, greeting) = support::RawClient::connect(gateway.pop3s).await;
+    assert!(greeting.starts_with("+OK"));
+    c.send(format!("USER {}\r\nPASS {}\r\n", account.name, account.password).as_bytes())
+        .await;
+    assert_eq!(c.line().await, "+OK Send PASS");
+    assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed");
+    c.send(b"QUIT\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    gateway.stop().await;
+}
+
+/// fetchmail and curl through the STLS listener; curl with AUTH LOGIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stls_clients_and_auth_login() {
+    let h = harness();
+    h.seed("popstls@example.test");
+    let account = Account::authorized("popstls", "popstls@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let seeds = h.seed_messages();
+    for (url, options) in [
+        (format!("pop3://localhost:{}/1", gateway.pop3.port()), None),
+        (
+            format!("pop3s://localhost:{}/1", gateway.pop3s.port()),
+            Some("AUTH=LOGIN"),
+        ),
+        (
+            format!("pop3s://localhost:{}/1", gateway.pop3s.port()),
+            Some("AUTH=PLAIN"),
+        ),
+    ] {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--ssl-reqd", "--cacert"])
+            .arg(&h.ca_file)
+            .arg("--user")
+            .arg(format!("{}:{}", account.name, account.password))
+            .arg(&url);
+        if let Some(o) = options {
+            cmd.args(["--login-options", o]);
+        }
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {url} {options:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == seeds[0],
+            "curl {url} {options:?}: bytes differ"
+        );
+    }
+    let home = tempfile::tempdir().unwrap();
+    let inbox = home.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let rc = home.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "set no syslog\nset invisible\npoll localhost with proto POP3 port {port} auth password\n  \
+             user \"{user}\" there with password \"{password}\" is root here\n  \
+             sslproto tls1.2+ sslcertck sslcertfile \"{ca}\" keep fetchall\n  \
+             mda \"/bin/sh -c 'cat > {inbox}/$(date +%s%N)'\"\n",
+            port = gateway.pop3.port(),
+            user = account.name,
+            password = account.password,
+            ca = h.ca_file.display(),
+            inbox = inbox.display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = Command::new("fetchmail");
+    cmd.arg("--fetchmailrc")
+        .arg(&rc)
+        .arg("--nodetach")
+        .env("FETCHMAILHOME", home.path());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fetchmail over STLS: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&inbox).unwrap().count(), seeds.len());
+    gateway.stop().await;
+}
