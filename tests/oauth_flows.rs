@@ -142,6 +142,23 @@ async fn paste_back_authorization_with_pkce_then_status_and_test() {
     let test = mailgate(&config).args(["test", "paste"]).output().unwrap();
     let text = String::from_utf8_lossy(&test.stdout);
     assert!(test.status.success(), "{text}");
+    // Neither command prints a secret.
+    let record = support::store(dir.path()).load("paste").unwrap().unwrap();
+    let secrets = [
+        record.access_token.clone().unwrap(),
+        record.refresh_token.clone().unwrap(),
+        support::CLIENT.secret.to_owned(),
+    ];
+    let status = mailgate(&config).arg("status").output().unwrap();
+    for output in [&status.stdout, &status.stderr, &test.stdout, &test.stderr] {
+        let output = String::from_utf8_lossy(output);
+        for secret in &secrets {
+            assert!(
+                !output.contains(secret.as_str()),
+                "a secret was printed: {output}"
+            );
+        }
+    }
     for step in [
         "token",
         "imap connect",
