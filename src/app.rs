@@ -1,21 +1,21 @@
 //! Wiring: a validated [`Config`] becomes bound listeners and shared
-//! services, then runs until shutdown.
+//! services, then runs until shutdown. Reload swaps the services.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::account::Accounts;
 use crate::admin::{AdminState, PendingStore};
-use crate::config::Config;
-use crate::config::HttpTls;
+use crate::config::{Config, HttpTls};
+use crate::metrics::Metrics;
 use crate::oauth::TokenStore;
-use crate::oauth::Tokens;
 use crate::server::{self, Gateway};
+use crate::services::{Current, Services};
 
 /// A failure to start; the message names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +34,53 @@ pub struct Running {
     pub http_address: Option<SocketAddr>,
     /// The listener certificate's SHA-256 fingerprint.
     pub fingerprint: String,
+    gateway: Arc<Gateway>,
+    services: Current,
+    metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    /// Stops the current generation's token refresher.
+    refresher: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
 impl Running {
-    /// Stops accepting and waits for the accept loops to end.
-    pub async fn stop(mut self) {
+    /// Stops accepting, says goodbye to sessions that haven't logged in,
+    /// and waits up to `grace` for relayed sessions to finish. Returns
+    /// whether every session ended in time.
+    pub async fn stop(mut self, grace: Duration) -> bool {
         let _ = self.shutdown.send(true);
+        let _ = self.refresher.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let drained = self.gateway.drain(grace).await;
+        if !drained {
+            warn!(
+                grace_s = grace.as_secs(),
+                "sessions still open after the grace period; closing them"
+            );
+        }
+        drained
+    }
+
+    /// Replaces accounts and integrations with those of `config`, without
+    /// touching listeners or sessions in progress. On error, nothing
+    /// changes.
+    ///
+    /// # Errors
+    /// When the new config's services can't be built.
+    pub fn reload(&mut self, config: Config) -> Result<(), StartError> {
+        let services = Services::build(Arc::new(config), self.metrics.clone())
+            .map_err(|e| start_error("reload", e))?;
+        let tokens = services.tokens.clone();
+        let background = services.config.oauth.refresh_in_background;
+        self.services.replace(services);
+        // The old generation's refresher stops; the new one starts.
+        let (refresher, receiver) = watch::channel(false);
+        let _ = std::mem::replace(&mut self.refresher, refresher).send(true);
+        if background {
+            self.tasks.spawn(tokens.run_refresher(receiver));
+        }
+        info!("configuration reloaded");
+        Ok(())
     }
 }
 
@@ -54,14 +92,14 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     crate::tls::install_default_provider();
     let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new().map_err(|e| start_error("metrics", e))?);
     let server_tls = crate::tls::server(config.certificate.as_ref(), &config.state_dir)
         .map_err(|e| start_error("listener certificate", e))?;
     info!(sha256 = %server_tls.fingerprint, "listener certificate");
-    let connectors =
-        server::upstream::connectors(&config).map_err(|e| start_error("upstream tls", e))?;
-    let oauth_tls = crate::tls::client(None).map_err(|e| start_error("oauth tls", e))?;
-    let tokens =
-        Arc::new(Tokens::new(&config, &oauth_tls).map_err(|e| start_error("token store", e))?);
+    let services =
+        Services::build(config.clone(), metrics.clone()).map_err(|e| start_error("start", e))?;
+    let tokens = services.tokens.clone();
+    let current = Current::new(services);
     let pending = Arc::new(PendingStore::new(
         TokenStore::open(&config.state_dir, &config.store_key)
             .map_err(|e| start_error("token store", e))?,
@@ -69,7 +107,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let http = crate::admin::bind(&config)
         .await
         .map_err(|e| start_error("http listen", e))?;
-    let accounts = Accounts::new(&config).map_err(|e| start_error("accounts", e))?;
     let bound = server::bind(&config)
         .await
         .map_err(|e| start_error("listen", e))?;
@@ -80,11 +117,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|e| start_error("listen", e))?;
     let acceptor = TlsAcceptor::from(server_tls.config.clone());
     let gateway = Arc::new(Gateway::new(
-        config.clone(),
-        Arc::new(accounts),
-        tokens.clone(),
+        current.clone(),
         acceptor.clone(),
-        connectors,
+        metrics.clone(),
     ));
     let (shutdown, receiver) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -99,8 +134,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 _ => None,
             };
             let router = crate::admin::router(AdminState {
-                config: config.clone(),
-                tokens: tokens.clone(),
+                services: current.clone(),
+                metrics: metrics.clone(),
                 pending,
             });
             info!(%address, "http listening");
@@ -115,14 +150,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         None => None,
     };
+    let (refresher, refresher_receiver) = watch::channel(false);
     if config.oauth.refresh_in_background {
-        tasks.spawn(tokens.run_refresher(receiver));
+        tasks.spawn(tokens.run_refresher(refresher_receiver));
     }
     Ok(Running {
         addresses,
         http_address,
         fingerprint: server_tls.fingerprint,
+        gateway,
+        services: current,
+        metrics,
         shutdown,
+        refresher,
         tasks,
     })
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mailgate::admin::{self, AdminState, Pending, PendingStore};
 use mailgate::config::{Account, Config, Grant};
 use mailgate::oauth::{fix_command, grant, TokenStore, Tokens};
-use mailgate::server::{probe, upstream};
+use mailgate::server::probe;
+use mailgate::services::{Current, Services};
 
 pub struct AuthorizeMode {
     pub paste: bool,
@@ -29,10 +30,9 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn tokens(config: &Config) -> Result<Tokens, ExitCode> {
-    mailgate::tls::install_default_provider();
-    let tls = mailgate::tls::client(None).map_err(fail)?;
-    Tokens::new(config, &tls).map_err(fail)
+fn services(config: Arc<Config>) -> Result<Services, ExitCode> {
+    let metrics = Arc::new(mailgate::metrics::Metrics::new().map_err(fail)?);
+    Services::build(config, metrics).map_err(fail)
 }
 
 /// How long `authorize` waits for the browser to come back.
@@ -43,10 +43,11 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     let Some(account) = config.accounts.get(name).cloned() else {
         return fail(format!("no account named {name:?}"));
     };
-    let tokens = match tokens(&config) {
-        Ok(t) => Arc::new(t),
+    let services = match services(config.clone()) {
+        Ok(s) => s,
         Err(code) => return code,
     };
+    let tokens = services.tokens.clone();
     if account.grant != Grant::AuthorizationCode {
         println!("account {name} uses the {:?} grant: there is nothing to authorize; checking that a token can be had", account.grant);
         return match tokens.force_refresh(&account).await {
@@ -91,9 +92,13 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
             .arg(started.url.as_str())
             .spawn();
     }
+    let metrics = match mailgate::metrics::Metrics::new() {
+        Ok(m) => Arc::new(m),
+        Err(e) => return fail(e),
+    };
     let state = AdminState {
-        config: config.clone(),
-        tokens: tokens.clone(),
+        services: Current::new(services),
+        metrics,
         pending: pending.clone(),
     };
     let outcome = if mode.paste {
@@ -133,7 +138,8 @@ async fn paste_back(
         );
     }
     admin::authorize::finish(
-        state,
+        &state.pending,
+        &state.services.get(),
         &account.integration,
         query("code").as_deref(),
         given_state.as_deref(),
@@ -149,15 +155,14 @@ async fn paste_back(
 /// there, lets it finish the flow; either way, waits for the outcome.
 async fn wait_for_callback(state: &AdminState, pending_state: &str) -> Result<(), String> {
     let (_shutdown, receiver) = tokio::sync::watch::channel(false);
-    match admin::bind(&state.config).await {
+    let config = state.services.get().config.clone();
+    match admin::bind(&config).await {
         Ok(Some((listener, address))) => {
-            let tls = match state.config.http.as_ref().map(|h| h.tls) {
+            let tls = match config.http.as_ref().map(|h| h.tls) {
                 Some(mailgate::config::HttpTls::Implicit) => {
-                    let server = mailgate::tls::server(
-                        state.config.certificate.as_ref(),
-                        &state.config.state_dir,
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let server =
+                        mailgate::tls::server(config.certificate.as_ref(), &config.state_dir)
+                            .map_err(|e| e.to_string())?;
                     Some(tokio_rustls::TlsAcceptor::from(server.config))
                 }
                 _ => None,
@@ -347,24 +352,16 @@ pub async fn test(config: Config, target: &str) -> ExitCode {
     if accounts.is_empty() {
         return fail(format!("integration {target} has no accounts to test"));
     }
-    let tokens = match tokens(&config) {
-        Ok(t) => t,
+    let timeout = config.limits.upstream_timeout;
+    let services = match services(Arc::new(config)) {
+        Ok(s) => s,
         Err(code) => return code,
-    };
-    let connectors = match upstream::connectors(&config) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
     };
     let mut ok = true;
     for account in accounts {
         println!("account {} ({})", account.name, account.mailbox);
-        for step in probe::test_account(
-            &tokens,
-            &connectors,
-            &account,
-            config.limits.upstream_timeout,
-        )
-        .await
+        for step in
+            probe::test_account(&services.tokens, &services.connectors, &account, timeout).await
         {
             let ms = step.elapsed.as_millis();
             match step.outcome {

@@ -10,6 +10,8 @@
 //! - `tls`: rustls configurations, built once; self-signed certificates.
 //! - `oauth`: token grants, the single-flight token cache, the token store.
 //! - `account`: local password verification.
+//! - `metrics`: the Prometheus metrics, closed label sets.
+//! - `services`: the reloadable set: config, accounts, tokens, connectors.
 //! - `server`: listeners, the connection pipeline, upstream login, relay.
 //! - `admin`: the HTTP listener: the OAuth redirect URL and health.
 //! - `app`: wiring from a validated `Config` to running listeners.
@@ -28,8 +30,12 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod oauth;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod services;
 #[cfg(feature = "server")]
 pub mod tls;

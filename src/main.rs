@@ -130,28 +130,20 @@ fn main() -> ExitCode {
             Err(e) => config_error(&cli.config, &e),
         },
         Command::Run => {
-            init_tracing();
             let config = match Config::load(&cli.config) {
                 Ok(c) => c,
                 Err(e) => return config_error(&cli.config, &e),
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mailgate: can't start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(run(config))
+            init_tracing_for(&config.log);
+            block_on(run(config, cli.config.clone()))
         }
     }
 }
 
-async fn run(config: Config) -> ExitCode {
-    let running = match mailgate::app::start(config).await {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let grace = config.limits.shutdown_grace;
+    let mut running = match mailgate::app::start(config).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "start failed");
@@ -159,25 +151,40 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.stop().await;
-    ExitCode::SUCCESS
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            eprintln!("mailgate: can't install signal handlers");
+            return ExitCode::FAILURE;
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match Config::load(&path) {
+                // Listeners and limits stay as they are; accounts and
+                // integrations are replaced.
+                Ok(config) => {
+                    if let Err(e) = running.reload(config) {
+                        tracing::error!(error = %e, "reload failed; the old configuration stays");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload: invalid configuration; the old configuration stays"),
+            },
         }
     }
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "shutting down: no new connections, goodbye to sessions not logged in"
+    );
+    running.stop(grace).await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
 }
 
 fn with_config(path: &std::path::Path, f: impl FnOnce(Config) -> ExitCode) -> ExitCode {
@@ -206,8 +213,24 @@ fn config_error(path: &std::path::Path, e: &mailgate::config::ConfigError) -> Ex
 }
 
 fn init_tracing() {
+    init_tracing_for(&mailgate::config::LogSettings {
+        format: mailgate::config::LogFormat::Human,
+        level: "info".into(),
+    });
+}
+
+fn init_tracing_for(log: &mailgate::config::LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    if log.format == mailgate::config::LogFormat::Json {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

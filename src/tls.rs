@@ -153,3 +153,29 @@ impl From<TlsError> for io::Error {
         io::Error::other(e.to_string())
     }
 }
+
+/// TLS connectors by extra CA file (`None`: webpki roots only).
+pub type Connectors = std::collections::HashMap<Option<PathBuf>, tokio_rustls::TlsConnector>;
+
+/// One TLS connector per distinct extra CA file, built once for every
+/// upstream of `config`.
+///
+/// # Errors
+/// When a CA file can't be read or holds no certificate.
+pub fn connectors(config: &crate::config::Config) -> Result<Connectors, TlsError> {
+    let mut connectors = Connectors::new();
+    let upstreams = config
+        .accounts
+        .values()
+        .flat_map(|a| [a.imap.as_ref(), a.pop3.as_ref()])
+        .flatten();
+    for server in upstreams {
+        if let std::collections::hash_map::Entry::Vacant(entry) =
+            connectors.entry(server.ca_file.clone())
+        {
+            let tls = client(entry.key().as_deref())?;
+            entry.insert(tokio_rustls::TlsConnector::from(tls));
+        }
+    }
+    Ok(connectors)
+}

@@ -61,7 +61,9 @@ fn every_example_config_parses() {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let secret = jail.directory().join("app.secret");
                 std::fs::write(&secret, "s\n").unwrap();
-                let text = text.replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap());
+                let text = text
+                    .replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap())
+                    .replace("/etc/mailgate/corp.secret", secret.to_str().unwrap());
                 // Certificate files named by the examples, made here.
                 let generated =
                     rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -73,7 +75,9 @@ fn every_example_config_parses() {
                 std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
                 let text = text
                     .replace("/etc/mailgate/fullchain.pem", cert.to_str().unwrap())
-                    .replace("/etc/mailgate/privkey.pem", key.to_str().unwrap());
+                    .replace("/etc/mailgate/privkey.pem", key.to_str().unwrap())
+                    .replace("/etc/mailgate/m365-app.pem", cert.to_str().unwrap())
+                    .replace("/etc/mailgate/m365-app.key", key.to_str().unwrap());
                 let config = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
                 assert!(!config.listeners.is_empty());
                 Ok(())
@@ -81,7 +85,11 @@ fn every_example_config_parses() {
             count += 1;
         }
     }
-    assert!(count >= 2, "expected example configs in {}", dir.display());
+    assert!(
+        count >= 4,
+        "expected the Google, Microsoft, Microsoft app-only and custom examples in {}",
+        dir.display()
+    );
 }
 
 #[test]

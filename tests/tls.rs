@@ -58,7 +58,7 @@ async fn self_signed_certificate_is_made_once_and_kept_across_restarts() {
         served, fingerprint,
         "the logged fingerprint is the served certificate's"
     );
-    first.stop().await;
+    first.stop(std::time::Duration::from_secs(1)).await;
     let key = state.path().join("tls/self-signed.key");
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
@@ -70,5 +70,5 @@ async fn self_signed_certificate_is_made_once_and_kept_across_restarts() {
         second.fingerprint, fingerprint,
         "a restart keeps the certificate"
     );
-    second.stop().await;
+    second.stop(std::time::Duration::from_secs(1)).await;
 }

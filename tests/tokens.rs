@@ -56,7 +56,7 @@ async fn short_lived_tokens_are_reused_while_fresh_and_refreshed_before_expiry()
     let grant = h.authorize(SHORT_CLIENT, "tokens@example.test");
     let state = tempfile::tempdir().unwrap();
     let config = config(state.path(), SHORT_CLIENT, &grant.refresh_token);
-    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap()).unwrap();
+    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap();
     let account = &config.accounts["acct"];
     let first = tokens.access_token(account).await.unwrap();
     let again = tokens.access_token(account).await.unwrap();
@@ -84,7 +84,7 @@ async fn a_revoked_grant_is_reported_as_needing_authorization() {
     let grant = h.authorize(support::CLIENT, "tokens@example.test");
     let state = tempfile::tempdir().unwrap();
     let config = config(state.path(), support::CLIENT, &grant.refresh_token);
-    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap()).unwrap();
+    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap();
     h.revoke(support::CLIENT, &grant.refresh_token, "refresh_token")
         .await;
     let err = tokens
@@ -104,8 +104,9 @@ async fn concurrent_requests_share_one_refresh() {
     let grant = h.authorize(support::CLIENT, "tokens@example.test");
     let state = tempfile::tempdir().unwrap();
     let config = std::sync::Arc::new(config(state.path(), support::CLIENT, &grant.refresh_token));
-    let tokens =
-        std::sync::Arc::new(Tokens::new(&config, &mailgate::tls::client(None).unwrap()).unwrap());
+    let tokens = std::sync::Arc::new(
+        Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..50 {
         let (tokens, config) = (tokens.clone(), config.clone());
@@ -122,4 +123,8 @@ async fn concurrent_requests_share_one_refresh() {
     }
     // One refresh served all 50: one distinct token.
     assert_eq!(seen.len(), 1);
+}
+
+fn metrics() -> std::sync::Arc<mailgate::metrics::Metrics> {
+    std::sync::Arc::new(mailgate::metrics::Metrics::new().unwrap())
 }

@@ -7,10 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::AdminState;
 use crate::config::Integration;
 use crate::oauth::{grant, TokenError, TokenStore};
 use crate::secret::Secret;
+use crate::services::Services;
 
 /// A flow started by `mailgate authorize` or the integrations page.
 #[derive(Clone, Serialize, Deserialize)]
@@ -120,7 +120,8 @@ pub enum CallbackError {
 /// Completes the flow that `state` names: exchanges the code with the PKCE
 /// verifier and stores the tokens. Returns the account's name.
 pub async fn finish(
-    s: &AdminState,
+    pending_store: &PendingStore,
+    s: &Services,
     integration: &Integration,
     code: Option<&str>,
     state: Option<&str>,
@@ -128,8 +129,7 @@ pub async fn finish(
     error_description: Option<&str>,
 ) -> Result<String, CallbackError> {
     let pending = match state {
-        Some(state) => s
-            .pending
+        Some(state) => pending_store
             .load(state)
             .map_err(|e| CallbackError::Exchange(e.to_string()))?,
         None => None,
@@ -140,8 +140,7 @@ pub async fn finish(
             None => error.to_owned(),
         };
         if let (Some(state), Some(p)) = (state, pending) {
-            s.pending
-                .finish(state, p, Err(format!("the provider refused: {why}")));
+            pending_store.finish(state, p, Err(format!("the provider refused: {why}")));
         }
         return Err(CallbackError::Provider(why));
     }
@@ -180,11 +179,11 @@ pub async fn finish(
     .await;
     match result {
         Ok(()) => {
-            s.pending.finish(state, pending, Ok(()));
+            pending_store.finish(state, pending, Ok(()));
             Ok(account.name.clone())
         }
         Err(e) => {
-            s.pending.finish(state, pending, Err(e.to_string()));
+            pending_store.finish(state, pending, Err(e.to_string()));
             Err(CallbackError::Exchange(e.to_string()))
         }
     }

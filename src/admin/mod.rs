@@ -22,13 +22,14 @@ use tracing::{debug, warn};
 pub use authorize::{Pending, PendingStore};
 
 use crate::config::Config;
-use crate::oauth::Tokens;
+use crate::metrics::Metrics;
+use crate::services::Current;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminState {
-    pub config: Arc<Config>,
-    pub tokens: Arc<Tokens>,
+    pub services: Current,
+    pub metrics: Arc<Metrics>,
     pub pending: Arc<PendingStore>,
 }
 
@@ -36,8 +37,74 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/oauth2/callback/{slug}", get(callback))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Prometheus text format; per-account gauges are set at scrape time.
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let services = s.services.get();
+    services.tokens.export_gauges();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for i in services.config.integrations.values() {
+        if let Some(expires) = i.client_secret_expires {
+            let left = i64::try_from(expires)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(i64::try_from(now).unwrap_or(0));
+            s.metrics
+                .client_secret_expiry_seconds
+                .with_label_values(&[&i.name])
+                .set(left);
+        }
+    }
+    let mut response = s.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Ready when the listeners are bound (they are, or this wouldn't answer)
+/// and every account's token record is readable. Lists the accounts that
+/// need authorization; they don't make the gateway unready.
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let services = s.services.get();
+    let store = services.tokens.store();
+    let unreadable: Vec<String> = services
+        .config
+        .accounts
+        .keys()
+        .filter_map(|name| store.load(name).err().map(|e| e.to_string()))
+        .collect();
+    let needs: Vec<serde_json::Value> = services
+        .tokens
+        .needing_authorization()
+        .into_iter()
+        .map(|(account, reason)| {
+            serde_json::json!({"account": account, "reason": reason, "fix": crate::oauth::fix_command(&account)})
+        })
+        .collect();
+    let ready = unreadable.is_empty();
+    let body = serde_json::json!({"ready": ready, "token_store_errors": unreadable, "needs_authorization": needs});
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// Serves `router` on `listener` until `shutdown` fires; TLS when an
@@ -116,7 +183,8 @@ async fn callback(
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     let path = format!("/oauth2/callback/{slug}");
-    let Some(integration) = s
+    let services = s.services.get();
+    let Some(integration) = services
         .config
         .integrations
         .values()
@@ -130,7 +198,8 @@ async fn callback(
         );
     };
     let outcome = authorize::finish(
-        &s,
+        &s.pending,
+        &services,
         integration,
         q.code.as_deref(),
         q.state.as_deref(),

@@ -20,7 +20,7 @@ use url::Url;
 use crate::imap::UpstreamTls;
 use crate::secret::Secret;
 
-pub use raw::{Cloud, Grant, Protocol, Provider};
+pub use raw::{Cloud, Grant, LogFormat, Protocol, Provider};
 
 /// A config error that names its key.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,7 @@ pub struct Config {
     pub http: Option<HttpSettings>,
     /// Where the token store's key comes from.
     pub store_key: crate::oauth::KeySource,
+    pub log: LogSettings,
     pub listeners: Vec<Listener>,
     /// PEM files for the listeners; `None` means a self-signed certificate
     /// kept in the state directory.
@@ -93,6 +94,8 @@ pub struct Limits {
     pub pre_auth_timeout: Duration,
     /// The budget for dialling the upstream and logging in there.
     pub upstream_timeout: Duration,
+    /// How long relayed sessions may go on after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// Default connection cap: 20,000 sessions (two sockets each) fit in a
@@ -109,6 +112,9 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pollers log in right away; a minute is generous (RFC 9051 §5.4 asks
 /// only for the 30-minute limit after login).
 pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pollers finish a fetch within seconds; 30 s lets them, and keeps a
+/// service manager's stop timeout (90 s by default) out of reach.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Upstream dial, TLS and XOAUTH2 login together.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,7 +138,16 @@ pub struct OAuthSettings {
     pub retry_backoff: Duration,
 }
 
-/// The HTTP listener: the OAuth redirect URL (and, later, metrics).
+/// How and how much mailgate logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `mailgate=debug`;
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// The HTTP listener: the OAuth redirect URL, metrics and health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSettings {
     pub address: SocketAddr,
@@ -367,6 +382,12 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             DEFAULT_UPSTREAM_TIMEOUT,
             true,
         )?,
+        shutdown_grace: bounded(
+            "limits.shutdown_grace",
+            l.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+            false,
+        )?,
     };
     let oauth = OAuthSettings {
         allow_insecure_loopback_http: raw.oauth.allow_insecure_loopback_http,
@@ -461,9 +482,23 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     if let Some(c) = &raw.certificate {
         check_certificate_files(&c.cert, &c.key)?;
     }
+    let log = LogSettings {
+        format: raw.log.format.unwrap_or(LogFormat::Human),
+        level: raw.log.level.unwrap_or_else(|| "info".into()),
+    };
+    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        return Err(invalid(
+            "log.level",
+            format!(
+                "{:?} is not a log filter (try info, debug, mailgate=debug)",
+                log.level
+            ),
+        ));
+    }
     Ok(Config {
         http,
         store_key,
+        log,
         state_dir: raw.state_dir,
         listeners,
         certificate: raw.certificate.map(|c| CertificateFiles {

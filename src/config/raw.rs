@@ -16,6 +16,8 @@ pub struct Config {
     #[serde(default)]
     pub store: Store,
     #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
     pub listeners: Vec<Listener>,
     pub certificate: Option<Certificate>,
     #[serde(default)]
@@ -68,6 +70,20 @@ pub enum HttpTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Store {
     pub key_file: Option<PathBuf>,
 }
@@ -93,6 +109,8 @@ pub struct Limits {
     pub pre_auth_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub upstream_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

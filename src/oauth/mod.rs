@@ -24,6 +24,7 @@ pub use http::{is_transient_status, TokenHttp};
 pub use store::{KeySource, Record, StoreError, StoreLock, TokenStore, KEY_ENV};
 
 use crate::config::{Account, Config, Grant};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use grant::Granted;
 use notify::Notifier;
@@ -104,6 +105,7 @@ pub struct Tokens {
     refresh_margin: Duration,
     retry_backoff: Duration,
     notifier: Notifier,
+    metrics: Arc<Metrics>,
     accounts: HashMap<String, AccountTokens>,
 }
 
@@ -123,7 +125,11 @@ impl Tokens {
     ///
     /// # Errors
     /// When the store key can't be had or the HTTP client can't be built.
-    pub fn new(config: &Config, tls: &rustls::ClientConfig) -> Result<Self, TokenError> {
+    pub fn new(
+        config: &Config,
+        tls: &rustls::ClientConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TokenError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.oauth.request_timeout)
@@ -134,6 +140,7 @@ impl Tokens {
         let store = TokenStore::open(&config.state_dir, &config.store_key)?;
         Ok(Self {
             notifier: Notifier::new(&config.oauth, http.clone()),
+            metrics,
             http: TokenHttp(http),
             store: Arc::new(store),
             refresh_margin: config.oauth.refresh_margin,
@@ -293,6 +300,66 @@ impl Tokens {
         }
     }
 
+    /// Sets the per-account gauges (token expiry, needs authorization) from
+    /// the current state; called at each scrape. Busy accounts keep their
+    /// last values.
+    pub fn export_gauges(&self) {
+        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        for (name, entry) in &self.accounts {
+            let Ok(mut state) = entry.state.try_lock() else {
+                continue;
+            };
+            if self.sync(&entry.account, &mut state).is_err() {
+                continue;
+            }
+            let record = &state.record;
+            let needs = i64::from(
+                record.needs_authorization.is_some()
+                    || (entry.account.grant == Grant::AuthorizationCode
+                        && record.refresh_token.is_none()),
+            );
+            self.metrics
+                .needs_authorization
+                .with_label_values(&[name])
+                .set(needs);
+            let expiry = if record.access_token.is_some() {
+                i64::try_from(record.expires_at)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(now)
+            } else {
+                0
+            };
+            self.metrics
+                .token_expiry_seconds
+                .with_label_values(&[name])
+                .set(expiry);
+        }
+    }
+
+    /// Accounts marked as needing authorization, with the reason.
+    pub fn needing_authorization(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (name, entry) in &self.accounts {
+            if let Ok(Some(record)) = self.store.load(name) {
+                if let Some(why) = record.needs_authorization {
+                    out.push((name.clone(), why));
+                    continue;
+                }
+                if entry.account.grant == Grant::AuthorizationCode
+                    && record.refresh_token.is_none()
+                    && entry.account.refresh_token.is_none()
+                {
+                    out.push((name.clone(), "not authorized yet".into()));
+                }
+            } else if entry.account.grant == Grant::AuthorizationCode
+                && entry.account.refresh_token.is_none()
+            {
+                out.push((name.clone(), "not authorized yet".into()));
+            }
+        }
+        out
+    }
+
     fn entry(&self, account: &Account) -> Result<&AccountTokens, TokenError> {
         self.accounts.get(&account.name).ok_or_else(|| {
             TokenError::NeedsAuthorization(format!("unknown account {}", account.name))
@@ -374,6 +441,20 @@ impl Tokens {
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
         let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(TokenError::NeedsAuthorization(_)) => "needs_authorization",
+            Err(_) => "transient",
+        };
+        let grant = match account.grant {
+            Grant::AuthorizationCode => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+            Grant::JwtBearer => "jwt_bearer",
+        };
+        self.metrics
+            .token_requests
+            .with_label_values(&[&account.integration.name, grant, outcome])
+            .inc();
         match result {
             Ok(granted) => self.store_granted(account, state, granted, started).await,
             Err(TokenError::NeedsAuthorization(why)) => {

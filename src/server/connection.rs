@@ -13,12 +13,13 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{debug, info, Instrument as _};
+use tracing::{info, Instrument as _};
 
 use super::stream::{ClientStream, Stream};
 use super::upstream::LoggedIn;
 use super::Gateway;
 use crate::config::{ListenerTls, Protocol};
+use crate::metrics::protocol_label;
 use crate::proto::{Action, ClientSession, LoginFailure};
 
 /// How a connection ended before login, for the log line.
@@ -42,19 +43,59 @@ enum Closed {
     Internal(&'static str),
 }
 
+impl Closed {
+    /// A closed label for logs: what kind of ending this was.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::ClientGone => "client_gone",
+            Self::ClientIo(_) => "client_io",
+            Self::Handshake(_) => "tls_handshake",
+            Self::HandshakeTimeout => "tls_handshake_timeout",
+            Self::PreAuthTimeout => "pre_auth_timeout",
+            Self::Shutdown => "shutdown",
+            Self::Logout => "logout",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
 /// How long a goodbye (`* BYE`, `-ERR`) may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The listener a connection came in on.
+pub struct Listener {
+    pub protocol: Protocol,
+    pub tls: ListenerTls,
+    /// The `listener` metric label: the bound address.
+    pub label: Arc<str>,
+}
 
 /// Serves one accepted connection on a listener.
 pub async fn serve(
     gateway: Arc<Gateway>,
     tcp: TcpStream,
     peer: SocketAddr,
-    protocol: Protocol,
-    tls: ListenerTls,
+    listener: Listener,
     shutdown: watch::Receiver<bool>,
 ) {
-    let span = tracing::info_span!("conn", %peer, ?protocol);
+    let Listener {
+        protocol,
+        tls,
+        label,
+    } = listener;
+    let labels = [protocol_label(protocol), &*label];
+    gateway
+        .metrics
+        .connections_accepted
+        .with_label_values(&labels)
+        .inc();
+    let active = gateway
+        .metrics
+        .connections_active
+        .with_label_values(&labels);
+    active.inc();
+    let span =
+        tracing::info_span!("conn", %peer, protocol = protocol_label(protocol), listener = &*label);
     async move {
         let started = Instant::now();
         let connection = Connection {
@@ -82,18 +123,31 @@ pub async fn serve(
                 connection.run(tcp, tls, session).await
             }
         };
-        let elapsed_ms = started.elapsed().as_millis();
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // One summary event per connection.
         match result {
-            Ok(relayed) => info!(
-                account = %relayed.account,
-                bytes_from_client = relayed.from_client,
-                bytes_from_upstream = relayed.from_upstream,
-                error = relayed.error.as_deref().unwrap_or(""),
-                elapsed_ms,
-                "session closed"
-            ),
-            Err(closed) => debug!(reason = %closed, elapsed_ms, "connection closed before login"),
+            Ok(relayed) => {
+                let m = &gateway.metrics.relayed_bytes;
+                m.with_label_values(&["client_to_upstream"]).inc_by(relayed.from_client);
+                m.with_label_values(&["upstream_to_client"]).inc_by(relayed.from_upstream);
+                info!(
+                    outcome = "relayed",
+                    account = %relayed.account,
+                    bytes_from_client = relayed.from_client,
+                    bytes_from_upstream = relayed.from_upstream,
+                    duration_ms,
+                    error_kind = relayed.error.as_deref().unwrap_or("none"),
+                    "connection closed"
+                );
+            }
+            Err(closed) => {
+                if matches!(closed, Closed::Handshake(_) | Closed::HandshakeTimeout) {
+                    gateway.metrics.tls_handshake_failures.with_label_values(&[protocol_label(protocol)]).inc();
+                }
+                info!(outcome = "closed_before_login", error_kind = closed.kind(), reason = %closed, duration_ms, "connection closed");
+            }
         }
+        active.dec();
     }
     .instrument(span)
     .await;
@@ -272,15 +326,66 @@ async fn relay(
         upstream.write_all(to_upstream).await?;
         upstream.flush().await?;
     }
-    // TODO(#7): a relay that counts bytes on error too, with an idle timeout.
-    let (counts, error) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(counts) => (counts, None),
-        Err(e) => ((0, 0), Some(e.to_string())),
+    // Count what each side sends as it is read, so that a session that
+    // ends in an error (a client dropping without close_notify) is counted.
+    // TODO(#6): an idle timeout after login.
+    let mut client = Counted {
+        inner: client,
+        read: 0,
     };
+    let mut upstream = Counted {
+        inner: upstream,
+        read: 0,
+    };
+    let error = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .err()
+        .map(|e| e.to_string());
     Ok(Relayed {
         account,
-        from_client: counts.0 + to_upstream.len() as u64,
-        from_upstream: counts.1 + to_client.len() as u64,
+        from_client: client.read + to_upstream.len() as u64,
+        from_upstream: upstream.read + to_client.len() as u64,
         error,
     })
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -13,21 +13,21 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::account::Accounts;
 use crate::config::{Account, Config, Limits, Listener, Protocol};
-use crate::oauth::{TokenError, Tokens};
+use crate::metrics::{protocol_label, LoginOutcome, Metrics};
+use crate::oauth::TokenError;
 use crate::proto::{Credentials, FrameLimits, LoginFailure};
 use crate::secret::Secret;
+use crate::services::{Current, Services};
 use upstream::{LoggedIn, UpstreamError};
 
 /// Everything a connection needs, shared by all of them.
 pub struct Gateway {
-    config: Arc<Config>,
-    accounts: Arc<Accounts>,
-    tokens: Arc<Tokens>,
+    services: Current,
+    /// Listeners and limits are fixed at start; a reload keeps them.
+    limits: Limits,
     acceptor: TlsAcceptor,
-    /// One connector per extra CA file (`None`: webpki roots only).
-    connectors: upstream::Connectors,
+    metrics: Arc<Metrics>,
     /// Open client connections, at most `limits.max_connections`.
     connections: Arc<tokio::sync::Semaphore>,
     /// argon2 verifications in flight, at most one per core: each takes
@@ -37,39 +37,42 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Wires the shared services from a validated config.
-    pub fn new(
-        config: Arc<Config>,
-        accounts: Arc<Accounts>,
-        tokens: Arc<Tokens>,
-        acceptor: TlsAcceptor,
-        connectors: upstream::Connectors,
-    ) -> Self {
+    /// Wires the shared services.
+    pub fn new(services: Current, acceptor: TlsAcceptor, metrics: Arc<Metrics>) -> Self {
+        let limits = services.get().config.limits;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         Self {
-            connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             verifications: tokio::sync::Semaphore::new(cores),
-            config,
-            accounts,
-            tokens,
+            services,
+            limits,
             acceptor,
-            connectors,
+            metrics,
         }
     }
 
     fn limits(&self) -> Limits {
-        self.config.limits
+        self.limits
     }
 
     fn frame_limits(&self) -> FrameLimits {
         FrameLimits {
-            max_line: self.config.limits.max_line,
-            max_literal: self.config.limits.max_literal,
+            max_line: self.limits.max_line,
+            max_literal: self.limits.max_literal,
         }
     }
 
     fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
+    }
+
+    /// Waits until every connection has closed, or `grace` has passed.
+    /// Returns whether all closed.
+    pub async fn drain(&self, grace: std::time::Duration) -> bool {
+        let all = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(grace, self.connections.acquire_many(all))
+            .await
+            .is_ok()
     }
 
     /// Checks local credentials, gets a token and logs in upstream. A wrong
@@ -79,43 +82,65 @@ impl Gateway {
         protocol: Protocol,
         credentials: &Credentials,
     ) -> Result<(String, LoggedIn), LoginFailure> {
-        let account = self.verify(credentials).await?;
-        let login = async {
-            let token = self
-                .tokens
-                .access_token(&account)
-                .await
-                .map_err(|e| token_failure(&account, e))?;
-            match self.upstream_login(protocol, &account, &token).await {
-                Err(UpstreamError::Rejected {
-                    status: Some(400 | 401),
-                    ..
-                }) => {
-                    info!(account = %account.name, "upstream rejected the token; getting a fresh one");
-                    let token = self
-                        .tokens
-                        .replace_rejected(&account, &token)
-                        .await
-                        .map_err(|e| token_failure(&account, e))?;
-                    self.upstream_login(protocol, &account, &token)
-                        .await
-                        .map_err(|e| upstream_failure(&account, e))
-                }
-                other => other.map_err(|e| upstream_failure(&account, e)),
-            }
+        let services = self.services.get();
+        let result = self.login_with(&services, protocol, credentials).await;
+        let outcome = match &result {
+            Ok(_) => LoginOutcome::Ok,
+            Err(f) => LoginOutcome::from(*f),
         };
-        let logged_in = login.await?;
+        self.metrics
+            .logins
+            .with_label_values(&[protocol_label(protocol), outcome.label()])
+            .inc();
+        result
+    }
+
+    async fn login_with(
+        &self,
+        services: &Services,
+        protocol: Protocol,
+        credentials: &Credentials,
+    ) -> Result<(String, LoggedIn), LoginFailure> {
+        let account = self.verify(services, credentials).await?;
+        let tokens = &services.tokens;
+        let token = tokens
+            .access_token(&account)
+            .await
+            .map_err(|e| token_failure(&account, e))?;
+        let logged_in = match self
+            .upstream_login(services, protocol, &account, &token)
+            .await
+        {
+            Err(UpstreamError::Rejected {
+                status: Some(400 | 401),
+                ..
+            }) => {
+                info!(account = %account.name, "upstream rejected the token; getting a fresh one");
+                let token = tokens
+                    .replace_rejected(&account, &token)
+                    .await
+                    .map_err(|e| token_failure(&account, e))?;
+                self.upstream_login(services, protocol, &account, &token)
+                    .await
+                    .map_err(|e| upstream_failure(&account, e))?
+            }
+            other => other.map_err(|e| upstream_failure(&account, e))?,
+        };
         Ok((account.name.clone(), logged_in))
     }
 
-    async fn verify(&self, credentials: &Credentials) -> Result<Arc<Account>, LoginFailure> {
+    async fn verify(
+        &self,
+        services: &Services,
+        credentials: &Credentials,
+    ) -> Result<Arc<Account>, LoginFailure> {
         // argon2 takes tens of milliseconds of CPU: keep it off the I/O threads.
         let _permit = self
             .verifications
             .acquire()
             .await
             .map_err(|_| LoginFailure::Unavailable)?;
-        let accounts = self.accounts.clone();
+        let accounts = services.accounts.clone();
         let presented = credentials.clone();
         match tokio::task::spawn_blocking(move || accounts.verify(&presented)).await {
             Ok(Ok(account)) => Ok(account),
@@ -134,6 +159,7 @@ impl Gateway {
 
     async fn upstream_login(
         &self,
+        services: &Services,
         protocol: Protocol,
         account: &Account,
         token: &Secret<String>,
@@ -141,13 +167,20 @@ impl Gateway {
         let server = account.upstream(protocol).ok_or_else(|| {
             UpstreamError::Protocol(format!("account has no {protocol:?} upstream"))
         })?;
-        let connector = self
+        let connector = services
             .connectors
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
+        let label = [protocol_label(protocol)];
         let login = async {
+            let started = tokio::time::Instant::now();
             let connected = upstream::connect(server, connector).await?;
-            match protocol {
+            self.metrics
+                .upstream_connect_seconds
+                .with_label_values(&label)
+                .observe(started.elapsed().as_secs_f64());
+            let started = tokio::time::Instant::now();
+            let result = match protocol {
                 Protocol::Imap => {
                     let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
                     upstream::login(connected, connector, login).await
@@ -156,9 +189,14 @@ impl Gateway {
                     let login = crate::pop3::Upstream::new(&account.mailbox, token, server.tls);
                     upstream::login(connected, connector, login).await
                 }
-            }
+            };
+            self.metrics
+                .upstream_login_seconds
+                .with_label_values(&label)
+                .observe(started.elapsed().as_secs_f64());
+            result
         };
-        tokio::time::timeout(self.config.limits.upstream_timeout, login)
+        tokio::time::timeout(self.limits.upstream_timeout, login)
             .await
             .unwrap_or(Err(UpstreamError::Timeout))
     }
@@ -227,6 +265,10 @@ pub async fn accept_loop(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let Bound { listener, config } = bound;
+    let label: Arc<str> = listener
+        .local_addr()
+        .map_or_else(|_| config.address.to_string(), |a| a.to_string())
+        .into();
     loop {
         let permit = tokio::select! {
             _ = shutdown.changed() => return,
@@ -239,7 +281,13 @@ pub async fn accept_loop(
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let connection = connection::serve(gateway.clone(), tcp, peer, config.protocol, config.tls, shutdown.clone());
+                    let connection = connection::serve(
+                        gateway.clone(),
+                        tcp,
+                        peer,
+                        connection::Listener { protocol: config.protocol, tls: config.tls, label: label.clone() },
+                        shutdown.clone(),
+                    );
                     tokio::spawn(async move {
                         connection.await;
                         drop(permit);

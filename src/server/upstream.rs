@@ -182,28 +182,4 @@ pub async fn logout(
     }
 }
 
-/// One TLS connector per distinct extra CA file (`None`: webpki roots
-/// only), built once for every upstream of `config`.
-///
-/// # Errors
-/// When a CA file can't be read or holds no certificate.
-pub fn connectors(config: &crate::config::Config) -> Result<Connectors, crate::tls::TlsError> {
-    let mut connectors = Connectors::new();
-    let upstreams = config
-        .accounts
-        .values()
-        .flat_map(|a| [a.imap.as_ref(), a.pop3.as_ref()])
-        .flatten();
-    for server in upstreams {
-        if let std::collections::hash_map::Entry::Vacant(entry) =
-            connectors.entry(server.ca_file.clone())
-        {
-            let tls = crate::tls::client(entry.key().as_deref())?;
-            entry.insert(TlsConnector::from(tls));
-        }
-    }
-    Ok(connectors)
-}
-
-/// TLS connectors by extra CA file.
-pub type Connectors = std::collections::HashMap<Option<std::path::PathBuf>, TlsConnector>;
+pub use crate::tls::Connectors;

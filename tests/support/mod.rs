@@ -352,7 +352,7 @@ impl Gateway {
 
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
-            r.stop().await;
+            r.stop(std::time::Duration::from_secs(5)).await;
         }
     }
 }
@@ -365,6 +365,10 @@ pub struct Options {
     pub trust_harness_ca: bool,
     /// An HTTP listener on this loopback port (plain HTTP).
     pub http_port: Option<u16>,
+    /// Fixed ports for the four mail listeners (for a separate process).
+    pub listener_ports: Option<[u16; 4]>,
+    /// Lines for the top level (before any table).
+    pub top: String,
 }
 
 impl Default for Options {
@@ -374,6 +378,8 @@ impl Default for Options {
             failure_delay: "10ms".into(),
             trust_harness_ca: true,
             http_port: None,
+            listener_ports: None,
+            top: String::new(),
         }
     }
 }
@@ -393,27 +399,29 @@ pub fn free_port() -> u16 {
 /// integration per account at the harness's OAuth server.
 pub fn config_toml(state: &Path, accounts: &[Account], options: &Options) -> String {
     let h = harness();
+    let [p1, p2, p3, p4] = options.listener_ports.unwrap_or([0; 4]);
     let mut toml = format!(
         r#"
 state_dir = "{state}"
+{top}
 [certificate]
 cert = "{dir}/server.pem"
 key = "{dir}/server.key"
 [[listeners]]
 protocol = "imap"
-address = "127.0.0.1:0"
+address = "127.0.0.1:{p1}"
 tls = "implicit"
 [[listeners]]
 protocol = "imap"
-address = "127.0.0.1:0"
+address = "127.0.0.1:{p2}"
 tls = "starttls"
 [[listeners]]
 protocol = "pop3"
-address = "127.0.0.1:0"
+address = "127.0.0.1:{p3}"
 tls = "implicit"
 [[listeners]]
 protocol = "pop3"
-address = "127.0.0.1:0"
+address = "127.0.0.1:{p4}"
 tls = "starttls"
 [limits]
 login_failure_delay = "{failure_delay}"
@@ -425,6 +433,7 @@ allow_insecure_loopback_http = true
         dir = h.harness_dir.display(),
         failure_delay = options.failure_delay,
         oauth = options.oauth,
+        top = options.top,
     );
     if let Some(port) = options.http_port {
         toml.push_str(&format!(

@@ -1,0 +1,173 @@
+//! Prometheus metrics: one struct, closed label sets. Account and
+//! integration labels come from the config, so their number is bounded.
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::config::Protocol;
+use crate::proto::LoginFailure;
+
+/// Every metric mailgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_accepted: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub logins: IntCounterVec,
+    pub upstream_connect_seconds: HistogramVec,
+    pub upstream_login_seconds: HistogramVec,
+    pub token_requests: IntCounterVec,
+    pub token_expiry_seconds: IntGaugeVec,
+    pub needs_authorization: IntGaugeVec,
+    pub relayed_bytes: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub client_secret_expiry_seconds: IntGaugeVec,
+}
+
+/// How a login ended: the `outcome` label of `mailgate_logins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Ok,
+    BadCredentials,
+    Unavailable,
+    NeedsAuthorization,
+    InUse,
+}
+
+impl LoginOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::BadCredentials => "bad_credentials",
+            Self::Unavailable => "unavailable",
+            Self::NeedsAuthorization => "needs_authorization",
+            Self::InUse => "in_use",
+        }
+    }
+}
+
+impl From<LoginFailure> for LoginOutcome {
+    fn from(f: LoginFailure) -> Self {
+        match f {
+            LoginFailure::BadCredentials => Self::BadCredentials,
+            LoginFailure::Unavailable => Self::Unavailable,
+            LoginFailure::NeedsAuthorization => Self::NeedsAuthorization,
+            LoginFailure::InUse => Self::InUse,
+        }
+    }
+}
+
+/// The `protocol` label.
+pub fn protocol_label(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Imap => "imap",
+        Protocol::Pop3 => "pop3",
+    }
+}
+
+/// Buckets for upstream latencies: 1 ms to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// Registers every metric, plus the process collector.
+    ///
+    /// # Errors
+    /// Only on a programming error (a duplicate name).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
+                let m = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
+        let metrics = Self {
+            connections_accepted: counter(
+                "mailgate_connections_accepted_total",
+                "Client connections accepted.",
+                &["protocol", "listener"],
+            )?,
+            connections_active: gauge(
+                "mailgate_connections_active",
+                "Client connections open now.",
+                &["protocol", "listener"],
+            )?,
+            logins: counter(
+                "mailgate_logins_total",
+                "Client logins by outcome.",
+                &["protocol", "outcome"],
+            )?,
+            upstream_connect_seconds: histogram(
+                "mailgate_upstream_connect_seconds",
+                "Time to connect to the upstream, TLS included.",
+                &["protocol"],
+            )?,
+            upstream_login_seconds: histogram(
+                "mailgate_upstream_login_seconds",
+                "Time for the XOAUTH2 login at the upstream, after connecting.",
+                &["protocol"],
+            )?,
+            token_requests: counter(
+                "mailgate_token_requests_total",
+                "Token endpoint requests by outcome.",
+                &["integration", "grant", "outcome"],
+            )?,
+            token_expiry_seconds: gauge(
+                "mailgate_token_expiry_seconds",
+                "Seconds until the account's access token expires (negative: expired).",
+                &["account"],
+            )?,
+            needs_authorization: gauge(
+                "mailgate_account_needs_authorization",
+                "1 when the account must be authorized again (mailgate authorize ACCOUNT).",
+                &["account"],
+            )?,
+            relayed_bytes: counter(
+                "mailgate_relayed_bytes_total",
+                "Bytes relayed after login.",
+                &["direction"],
+            )?,
+            tls_handshake_failures: counter(
+                "mailgate_tls_handshake_failures_total",
+                "Client TLS handshakes that failed or timed out.",
+                &["protocol"],
+            )?,
+            client_secret_expiry_seconds: gauge(
+                "mailgate_client_secret_expiry_seconds",
+                "Seconds until the integration's client secret expires, when configured.",
+                &["integration"],
+            )?,
+            registry,
+        };
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(metrics)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec can't fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
