@@ -708,3 +708,117 @@ async fn every_login_form_over_every_tls_combination() {
         gateway.stop().await;
     }
 }
+
+/// Connections that have not logged in are capped per client address; a
+/// login frees the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_login_connections_are_capped_per_address() {
+    harness().seed("capped@example.test");
+    let account = Account::authorized("capped", "capped@example.test");
+    let options = support::Options {
+        limits: "max_pre_login_per_ip = 2".into(),
+        ..support::Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let (mut first, greeting) = RawClient::connect(gateway.imaps).await;
+    assert!(greeting.starts_with("* OK"));
+    let (_second, greeting) = RawClient::connect(gateway.imaps).await;
+    assert!(greeting.starts_with("* OK"));
+    let (_third, greeting) = RawClient::connect(gateway.imaps).await;
+    assert_eq!(
+        greeting,
+        "* BYE [UNAVAILABLE] Too many connections from your address, try again later"
+    );
+    // Logging in frees the first slot.
+    first
+        .send(format!("a LOGIN capped {}\r\n", account.password).as_bytes())
+        .await;
+    assert!(first
+        .until_tagged("a")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("a OK"));
+    let (_fourth, greeting) = RawClient::connect(gateway.imaps).await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    gateway.stop().await;
+}
+
+/// Failed logins wait longer each time, for the username and the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_back_off() {
+    let account = Account {
+        refresh_token: None,
+        ..Account::authorized_without_grant("backoff", "backoff@example.test")
+    };
+    let options = support::Options {
+        failure_delay: "100ms".into(),
+        ..support::Options::default()
+    };
+    let gateway = Gateway::start_options(tempfile::tempdir().unwrap(), &[account], &options).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    let mut waits = Vec::new();
+    for i in 0..4 {
+        let started = std::time::Instant::now();
+        c.send(format!("a{i} LOGIN backoff wrong\r\n").as_bytes())
+            .await;
+        assert!(c
+            .until_tagged(&format!("a{i}"))
+            .await
+            .last()
+            .unwrap()
+            .contains("NO [AUTHENTICATIONFAILED]"));
+        waits.push(started.elapsed());
+    }
+    // Lower bounds on deliberate delays (100, 200, 400, 800 ms), not speed.
+    for (i, wait) in waits.iter().enumerate() {
+        assert!(
+            *wait >= Duration::from_millis(100 << i),
+            "failure {i} answered after {wait:?}"
+        );
+    }
+    gateway.stop().await;
+}
+
+/// A logged-in session with no traffic is closed after the idle timeout;
+/// traffic resets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_relayed_sessions_are_closed_and_traffic_resets_the_timer() {
+    harness().seed("idler@example.test");
+    let account = Account::authorized("idler", "idler@example.test");
+    let options = support::Options {
+        limits: "imap_idle_timeout = \"2s\"".into(),
+        ..support::Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    c.send(format!("a LOGIN idler {}\r\n", account.password).as_bytes())
+        .await;
+    assert!(c
+        .until_tagged("a")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("a OK"));
+    // Traffic every 1.2 s keeps it open past 2 s.
+    for tag in ["b", "c", "d"] {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        c.send(format!("{tag} NOOP\r\n").as_bytes()).await;
+        assert!(
+            c.until_tagged(tag)
+                .await
+                .last()
+                .unwrap()
+                .starts_with(&format!("{tag} OK")),
+            "closed while active"
+        );
+    }
+    // Then silence: the gateway closes it.
+    let closed = tokio::time::timeout(Duration::from_secs(10), c.line())
+        .await
+        .expect("still open after the idle timeout");
+    assert_eq!(closed, "", "expected the connection to close");
+    gateway.stop().await;
+}

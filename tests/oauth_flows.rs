@@ -547,8 +547,10 @@ async fn a_hundred_concurrent_logins_cause_exactly_one_token_request() {
         token_url: Some(token_url),
         ..Account::authorized("hundred", "hundred@example.test")
     };
+    // 100 logins from one address at once: above the default per-address cap.
     let options = Options {
         oauth: "refresh_in_background = false".into(),
+        limits: "max_pre_login_per_ip = 200".into(),
         ..Options::default()
     };
     let gateway = Arc::new(

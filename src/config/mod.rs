@@ -96,7 +96,27 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// How long relayed sessions may go on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Connections from one client address that have not logged in yet.
+    pub max_pre_login_per_ip: usize,
+    /// The cap of the failed-login back-off.
+    pub login_failure_max_delay: Duration,
+    /// A logged-in IMAP session with no traffic either way is closed
+    /// after this (RFC 9051 §5.4: at least 30 minutes).
+    pub imap_idle_timeout: Duration,
+    /// The same for POP3 (RFC 1939 §3: at least 10 minutes).
+    pub pop3_idle_timeout: Duration,
 }
+
+/// 32 half-open logins from one address is more than any poller needs,
+/// and little for an attacker.
+pub const DEFAULT_MAX_PRE_LOGIN_PER_IP: usize = 32;
+/// Failed logins from one address or for one username wait twice as long
+/// each time, up to 30 s.
+pub const DEFAULT_LOGIN_FAILURE_MAX_DELAY: Duration = Duration::from_secs(30);
+/// RFC 9051 §5.4's minimum autologout time.
+pub const DEFAULT_IMAP_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// RFC 1939 §3's minimum autologout time.
+pub const DEFAULT_POP3_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Default connection cap: 20,000 sessions (two sockets each) fit in a
 /// few hundred MiB and a raised file-descriptor limit.
@@ -387,6 +407,29 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             l.shutdown_grace,
             DEFAULT_SHUTDOWN_GRACE,
             false,
+        )?,
+        max_pre_login_per_ip: positive(
+            "limits.max_pre_login_per_ip",
+            l.max_pre_login_per_ip
+                .unwrap_or(DEFAULT_MAX_PRE_LOGIN_PER_IP),
+        )?,
+        login_failure_max_delay: bounded(
+            "limits.login_failure_max_delay",
+            l.login_failure_max_delay,
+            DEFAULT_LOGIN_FAILURE_MAX_DELAY,
+            false,
+        )?,
+        imap_idle_timeout: bounded(
+            "limits.imap_idle_timeout",
+            l.imap_idle_timeout,
+            DEFAULT_IMAP_IDLE_TIMEOUT,
+            true,
+        )?,
+        pop3_idle_timeout: bounded(
+            "limits.pop3_idle_timeout",
+            l.pop3_idle_timeout,
+            DEFAULT_POP3_IDLE_TIMEOUT,
+            true,
         )?,
     };
     let oauth = OAuthSettings {

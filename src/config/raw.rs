@@ -111,6 +111,13 @@ pub struct Limits {
     pub upstream_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
+    pub max_pre_login_per_ip: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub login_failure_max_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub imap_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pop3_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -365,6 +365,12 @@ impl ClientSession for Session {
     fn shutdown(&mut self) {
         Session::shutdown(self);
     }
+    fn too_busy(&mut self) {
+        self.actions.clear();
+        self.close_with(encode::bye(
+            "[UNAVAILABLE] Too many connections from your address, try again later",
+        ));
+    }
 }
 
 /// "invalid base64" -> "Invalid base64": error texts are lowercase, replies

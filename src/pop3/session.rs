@@ -268,4 +268,12 @@ impl ClientSession for Session {
             self.close_with(encode::err(Some("SYS/TEMP"), "mailgate shutting down"));
         }
     }
+
+    fn too_busy(&mut self) {
+        self.actions.clear();
+        self.close_with(encode::err(
+            Some("SYS/TEMP"),
+            "Too many connections from your address, try again later",
+        ));
+    }
 }

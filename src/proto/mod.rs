@@ -56,6 +56,8 @@ pub trait ClientSession {
     fn login_failed(&mut self, failure: LoginFailure);
     /// The gateway is shutting down: say goodbye unless logged in.
     fn shutdown(&mut self);
+    /// Too many connections from this client: say so instead of greeting.
+    fn too_busy(&mut self);
 }
 
 /// Our own login at an upstream (IMAP's, POP3's), as the driver sees it.

@@ -176,6 +176,13 @@ impl Connection<'_> {
     ) -> Result<Relayed, Closed> {
         let limits = self.gateway.limits();
         let _ = tcp.set_nodelay(true);
+        let address = tcp
+            .peer_addr()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let pre_login = self.gateway.admission.enter(address);
+        if pre_login.is_none() {
+            session.too_busy();
+        }
         // One deadline covers everything before login: the handshake,
         // reads, and writes to a client that doesn't read.
         let deadline = Instant::now() + limits.pre_auth_timeout;
@@ -183,11 +190,17 @@ impl Connection<'_> {
             ListenerTls::Implicit => Stream::Tls(Box::new(self.handshake(tcp).await?)),
             ListenerTls::StartTls | ListenerTls::Plaintext => Stream::Plain(tcp),
         };
-        let result = self.pre_auth(&mut client, &mut session, deadline).await;
+        let result = self
+            .pre_auth(&mut client, &mut session, deadline, address, pre_login)
+            .await;
         match result {
             Ok((account, logged_in, to_upstream)) => {
                 info!(%account, "logged in");
-                relay(account, client, logged_in, &to_upstream).await
+                let idle = match self.protocol {
+                    Protocol::Imap => limits.imap_idle_timeout,
+                    Protocol::Pop3 => limits.pop3_idle_timeout,
+                };
+                relay(account, client, logged_in, &to_upstream, idle).await
             }
             Err(closed @ (Closed::PreAuthTimeout | Closed::Shutdown)) => {
                 session.shutdown();
@@ -205,6 +218,8 @@ impl Connection<'_> {
         client: &mut ClientStream,
         session: &mut S,
         deadline: Instant,
+        address: std::net::IpAddr,
+        mut pre_login: Option<super::admission::PreLogin>,
     ) -> Result<(String, LoggedIn, bytes::Bytes), Closed> {
         let mut buf = BytesMut::with_capacity(4096);
         let mut upstream: Option<(String, LoggedIn)> = None;
@@ -229,13 +244,19 @@ impl Connection<'_> {
                     Action::Authenticate(credentials) => {
                         match self.gateway.login(self.protocol, &credentials).await {
                             Ok((account, logged_in)) => {
+                                self.gateway.admission.success(&credentials.username);
+                                // Logged in: no longer counts against the address.
+                                pre_login = None;
                                 session.login_succeeded(&logged_in.capabilities);
                                 upstream = Some((account, logged_in));
                             }
                             Err(failure) => {
                                 if failure == LoginFailure::BadCredentials {
-                                    tokio::time::sleep(self.gateway.limits().login_failure_delay)
-                                        .await;
+                                    let delay = self
+                                        .gateway
+                                        .admission
+                                        .failure(&credentials.username, address);
+                                    tokio::time::sleep(delay).await;
                                 }
                                 session.login_failed(failure);
                             }
@@ -245,6 +266,7 @@ impl Connection<'_> {
                         let (account, logged_in) = upstream
                             .take()
                             .ok_or(Closed::Internal("splice before login"))?;
+                        drop(pre_login.take());
                         return Ok((account, logged_in, to_upstream));
                     }
                     Action::Close => {
@@ -312,6 +334,7 @@ async fn relay(
     mut client: ClientStream,
     logged_in: LoggedIn,
     to_upstream: &[u8],
+    idle: Duration,
 ) -> Result<Relayed, Closed> {
     let LoggedIn {
         stream: mut upstream,
@@ -327,20 +350,26 @@ async fn relay(
         upstream.flush().await?;
     }
     // Count what each side sends as it is read, so that a session that
-    // ends in an error (a client dropping without close_notify) is counted.
-    // TODO(#6): an idle timeout after login.
+    // ends in an error (a client dropping without close_notify) is counted,
+    // and note when anything last moved, for the idle timeout.
+    let epoch = Instant::now();
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut client = Counted {
         inner: client,
         read: 0,
+        epoch,
+        activity: activity.clone(),
     };
     let mut upstream = Counted {
         inner: upstream,
         read: 0,
+        epoch,
+        activity: activity.clone(),
     };
-    let error = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .err()
-        .map(|e| e.to_string());
+    let error = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.err().map(|e| e.to_string()),
+        () = idle_timeout(epoch, &activity, idle) => Some("idle timeout".to_owned()),
+    };
     Ok(Relayed {
         account,
         from_client: client.read + to_upstream.len() as u64,
@@ -349,10 +378,26 @@ async fn relay(
     })
 }
 
-/// A stream that counts the bytes read from it.
+/// Returns once nothing has been read either way for `idle`. Traffic
+/// resets it; it doesn't cap the session's length.
+async fn idle_timeout(epoch: Instant, activity: &std::sync::atomic::AtomicU64, idle: Duration) {
+    loop {
+        let last =
+            epoch + Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A stream that counts the bytes read from it and notes when.
 struct Counted<S> {
     inner: S,
     read: u64,
+    epoch: Instant,
+    activity: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
@@ -363,7 +408,13 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
     ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read += n;
+            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.activity
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
         poll
     }
 }

@@ -1,6 +1,7 @@
 //! The gateway at run time: listeners, the connection pipeline, the
 //! upstream login and the relay.
 
+pub mod admission;
 mod connection;
 pub mod probe;
 mod stream;
@@ -34,6 +35,7 @@ pub struct Gateway {
     /// ~19 MiB and a core's worth of time, and a crowd of wrong passwords
     /// must not take the memory with it.
     verifications: tokio::sync::Semaphore,
+    admission: Arc<admission::Admission>,
 }
 
 impl Gateway {
@@ -44,6 +46,11 @@ impl Gateway {
         Self {
             connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             verifications: tokio::sync::Semaphore::new(cores),
+            admission: Arc::new(admission::Admission::new(
+                limits.max_pre_login_per_ip,
+                limits.login_failure_delay,
+                limits.login_failure_max_delay,
+            )),
             services,
             limits,
             acceptor,

@@ -369,6 +369,8 @@ pub struct Options {
     pub listener_ports: Option<[u16; 4]>,
     /// Lines for the top level (before any table).
     pub top: String,
+    /// More lines for the `[limits]` table.
+    pub limits: String,
 }
 
 impl Default for Options {
@@ -380,6 +382,7 @@ impl Default for Options {
             http_port: None,
             listener_ports: None,
             top: String::new(),
+            limits: String::new(),
         }
     }
 }
@@ -425,6 +428,7 @@ address = "127.0.0.1:{p4}"
 tls = "starttls"
 [limits]
 login_failure_delay = "{failure_delay}"
+{limits}
 [oauth]
 allow_insecure_loopback_http = true
 {oauth}
@@ -434,6 +438,7 @@ allow_insecure_loopback_http = true
         failure_delay = options.failure_delay,
         oauth = options.oauth,
         top = options.top,
+        limits = options.limits,
     );
     if let Some(port) = options.http_port {
         toml.push_str(&format!(

@@ -1,0 +1,180 @@
+//! Who may try to log in, and how soon: a cap on connections per client
+//! address that have not logged in, and a failed-login back-off per
+//! username and per address. Memory is bounded: strikes expire, and the
+//! tables are cut when they grow past a cap.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Failures older than this are forgotten.
+const STRIKE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// More entries than this and the tables are pruned (then cleared).
+const MAX_ENTRIES: usize = 100_000;
+
+#[derive(Clone, Copy)]
+struct Strike {
+    failures: u32,
+    last: Instant,
+}
+
+#[derive(Default)]
+struct Tables {
+    pre_login: HashMap<IpAddr, usize>,
+    users: HashMap<String, Strike>,
+    addresses: HashMap<IpAddr, Strike>,
+}
+
+/// The gateway's admission control.
+pub struct Admission {
+    tables: Mutex<Tables>,
+    max_pre_login: usize,
+    base_delay: Duration,
+    max_delay: Duration,
+}
+
+/// A connection that has not logged in yet; frees its slot when dropped.
+pub struct PreLogin {
+    admission: Arc<Admission>,
+    address: IpAddr,
+}
+
+impl Drop for PreLogin {
+    fn drop(&mut self) {
+        let mut tables = self.admission.lock();
+        if let Some(n) = tables.pre_login.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                tables.pre_login.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(max_pre_login: usize, base_delay: Duration, max_delay: Duration) -> Self {
+        Self {
+            tables: Mutex::default(),
+            max_pre_login,
+            base_delay,
+            max_delay: max_delay.max(base_delay),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        match self.tables.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A pre-login slot for `address`, or `None` at the cap.
+    pub fn enter(self: &Arc<Self>, address: IpAddr) -> Option<PreLogin> {
+        let mut tables = self.lock();
+        let n = tables.pre_login.entry(address).or_insert(0);
+        if *n >= self.max_pre_login {
+            return None;
+        }
+        *n += 1;
+        Some(PreLogin {
+            admission: self.clone(),
+            address,
+        })
+    }
+
+    /// Records a failed login and returns how long to wait before saying
+    /// so: the base delay, doubled for each recent failure of this username
+    /// or from this address, up to the cap.
+    pub fn failure(&self, username: &str, address: IpAddr) -> Duration {
+        let now = Instant::now();
+        let mut tables = self.lock();
+        prune(&mut tables, now);
+        let bump = |strike: Option<&Strike>| -> Strike {
+            match strike {
+                Some(s) if now.duration_since(s.last) < STRIKE_WINDOW => Strike {
+                    failures: s.failures.saturating_add(1),
+                    last: now,
+                },
+                _ => Strike {
+                    failures: 1,
+                    last: now,
+                },
+            }
+        };
+        let user = bump(tables.users.get(username));
+        tables.users.insert(username.to_owned(), user);
+        let addr = bump(tables.addresses.get(&address));
+        tables.addresses.insert(address, addr);
+        let doublings = user.failures.max(addr.failures).saturating_sub(1).min(16);
+        self.base_delay
+            .saturating_mul(1 << doublings)
+            .min(self.max_delay)
+    }
+
+    /// A successful login clears the username's failures.
+    pub fn success(&self, username: &str) {
+        self.lock().users.remove(username);
+    }
+}
+
+fn prune(tables: &mut Tables, now: Instant) {
+    if tables.users.len() + tables.addresses.len() <= MAX_ENTRIES {
+        return;
+    }
+    tables
+        .users
+        .retain(|_, s| now.duration_since(s.last) < STRIKE_WINDOW);
+    tables
+        .addresses
+        .retain(|_, s| now.duration_since(s.last) < STRIKE_WINDOW);
+    if tables.users.len() + tables.addresses.len() > MAX_ENTRIES {
+        // A flood of fresh names: forget them rather than grow.
+        tables.users.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_login_slots_are_capped_per_address_and_freed_on_drop() {
+        let a = Arc::new(Admission::new(
+            2,
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+        ));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let one = a.enter(ip).unwrap();
+        let _two = a.enter(ip).unwrap();
+        assert!(a.enter(ip).is_none());
+        assert!(
+            a.enter(other).is_some(),
+            "another address has its own slots"
+        );
+        drop(one);
+        assert!(a.enter(ip).is_some());
+    }
+
+    #[test]
+    fn failures_double_the_delay_per_username_and_address_up_to_the_cap() {
+        let a = Admission::new(8, Duration::from_millis(100), Duration::from_millis(500));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let delays: Vec<u128> = (0..5).map(|_| a.failure("jira", ip).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        // Another username from the same address is slowed by the address.
+        assert_eq!(a.failure("other", ip).as_millis(), 500);
+        // The same username from another address is slowed by the username.
+        assert_eq!(
+            a.failure("jira", "10.0.0.1".parse().unwrap()).as_millis(),
+            500
+        );
+        a.success("jira");
+        assert_eq!(
+            a.failure("jira", "10.0.0.2".parse().unwrap()).as_millis(),
+            100
+        );
+    }
+}
