@@ -438,21 +438,27 @@ pub async fn device_start(
         .add_scopes(scopes(integration))
         .request_async(http)
         .await
-        .map_err(|e| match e {
-            RequestTokenError::ServerResponse(r) => {
-                TokenError::NeedsAuthorization(r.error().to_string())
-            }
-            RequestTokenError::Request(e) => TokenError::Transient(e.to_string()),
-            RequestTokenError::Parse(e, _) => {
-                TokenError::Transient(format!("unreadable device response: {e}"))
-            }
-            RequestTokenError::Other(e) => TokenError::Transient(e),
-        })?;
+        .map_err(device_error)?;
     Ok(DeviceCode {
         verification_uri: details.verification_uri().to_string(),
         user_code: details.user_code().secret().clone(),
         details,
     })
+}
+
+/// A device-flow failure: the provider's refusal (`access_denied`,
+/// `expired_token`, ...) is permanent; everything else transient.
+fn device_error<E: oauth2::ErrorResponse + std::fmt::Display>(
+    e: RequestTokenError<HttpError, E>,
+) -> TokenError {
+    match e {
+        RequestTokenError::ServerResponse(r) => TokenError::NeedsAuthorization(r.to_string()),
+        RequestTokenError::Request(e) => TokenError::Transient(e.to_string()),
+        RequestTokenError::Parse(e, _) => {
+            TokenError::Transient(format!("unreadable response: {e}"))
+        }
+        RequestTokenError::Other(e) => TokenError::Transient(e),
+    }
 }
 
 /// Polls the token endpoint until the admin has approved (RFC 8628 §3.4,
@@ -471,16 +477,7 @@ pub async fn device_finish(
         .exchange_device_access_token(&device.details)
         .request_async(http, tokio::time::sleep, None)
         .await
-        .map_err(|e| match e {
-            RequestTokenError::ServerResponse(r) => {
-                TokenError::NeedsAuthorization(r.error().to_string())
-            }
-            RequestTokenError::Request(e) => TokenError::Transient(e.to_string()),
-            RequestTokenError::Parse(e, _) => {
-                TokenError::Transient(format!("unreadable token response: {e}"))
-            }
-            RequestTokenError::Other(e) => TokenError::Transient(e),
-        })?;
+        .map_err(device_error)?;
     response.try_into()
 }
 
