@@ -222,6 +222,16 @@ pub fn password_hash(password: &str) -> String {
         .clone()
 }
 
+/// An argon2id hash with tiny parameters (64 KiB, one pass), for tests
+/// that verify thousands of passwords.
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let params = argon2::Params::new(64, 1, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::encode_b64(b"mailgate-test-salt").unwrap();
+    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+}
+
 /// A gateway running in this process, listening on port 0.
 pub struct Gateway {
     /// Implicit-TLS IMAP listener.
@@ -371,6 +381,8 @@ pub struct Options {
     pub top: String,
     /// More lines for the `[limits]` table.
     pub limits: String,
+    /// Cheap argon2id parameters for the accounts (load tests).
+    pub cheap_hashes: bool,
 }
 
 impl Default for Options {
@@ -383,6 +395,7 @@ impl Default for Options {
             listener_ports: None,
             top: String::new(),
             limits: String::new(),
+            cheap_hashes: false,
         }
     }
 }
@@ -488,7 +501,7 @@ tls = "{pop3_upstream_tls}"
             token = a.token_url.as_deref().unwrap_or(&h.oauth_token_url),
             device = h.oauth_device_url,
             integration_extra = a.integration_extra,
-            hash = password_hash(a.password),
+            hash = if options.cheap_hashes { cheap_hash(a.password) } else { password_hash(a.password) },
             mailbox = a.mailbox,
             grant = a.grant,
             refresh = a
@@ -540,6 +553,17 @@ impl RawClient {
         };
         let greeting = c.line().await;
         (c, greeting)
+    }
+
+    /// TLS over an already connected socket; reads the greeting.
+    pub async fn over(tcp: TcpStream) -> Self {
+        let tls = tokio_rustls::TlsConnector::from(client_tls())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("tls handshake with the gateway");
+        let mut c = Self { stream: Some(tls), plain: None, buf: BytesMut::new() };
+        let _greeting = c.line().await;
+        c
     }
 
     /// Connects without TLS (for STARTTLS) and reads the greeting.
