@@ -2,7 +2,11 @@
 //! huge literal announced, a literal that never arrives, TLS garbage, and
 //! 10,000 wrong passwords. Each gets a clear protocol answer; nothing
 //! panics; the real account keeps working.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cloned_ref_to_slice_refs)] // tests may panic
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs
+)] // tests may panic
 
 mod support;
 
@@ -18,19 +22,30 @@ use support::{harness, Account, Gateway, Options, RawClient};
 async fn garbage_overlong_lines_and_literals_get_clear_answers() {
     harness().seed("garbage@example.test");
     let account = Account::authorized("garbage", "garbage@example.test");
-    let options = Options { limits: "pre_auth_timeout = \"2s\"".into(), ..Options::default() };
-    let gateway = Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let options = Options {
+        limits: "pre_auth_timeout = \"2s\"".into(),
+        ..Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
 
     let (mut c, _) = RawClient::connect(gateway.imaps).await;
     c.send(b"\x00\x01\xff\xfe garbage \x00 with NULs\r\n").await;
     assert_eq!(c.line().await, "* BAD Syntax error");
-    c.send(format!("t1 NOOP {}\r\n", "x".repeat(20_000)).as_bytes()).await;
+    c.send(format!("t1 NOOP {}\r\n", "x".repeat(20_000)).as_bytes())
+        .await;
     assert_eq!(c.line().await, "t1 BAD Line too long");
     c.send(b"t2 LOGIN {999999999}\r\n").await;
     assert_eq!(c.line().await, "t2 BAD Literal too large");
     // The connection is still usable, and the account logs in.
-    c.send(format!("t3 LOGIN garbage {}\r\n", account.password).as_bytes()).await;
-    assert!(c.until_tagged("t3").await.last().unwrap().starts_with("t3 OK"));
+    c.send(format!("t3 LOGIN garbage {}\r\n", account.password).as_bytes())
+        .await;
+    assert!(c
+        .until_tagged("t3")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("t3 OK"));
 
     // A non-synchronizing literal that's too large can't be skipped.
     let (mut c, _) = RawClient::connect(gateway.imaps).await;
@@ -43,7 +58,9 @@ async fn garbage_overlong_lines_and_literals_get_clear_answers() {
     c.send(b"t LOGIN {10}\r\n").await;
     assert!(c.line().await.starts_with("+ "));
     c.send(b"abc").await;
-    let bye = tokio::time::timeout(Duration::from_secs(10), c.line()).await.expect("no answer after the timeout");
+    let bye = tokio::time::timeout(Duration::from_secs(10), c.line())
+        .await
+        .expect("no answer after the timeout");
     assert_eq!(bye, "* BYE mailgate shutting down");
 
     // POP3: garbage and an overlong line.
@@ -51,13 +68,16 @@ async fn garbage_overlong_lines_and_literals_get_clear_answers() {
     assert!(greeting.starts_with("+OK"));
     p.send(b"\x00\xff\x01\r\n").await;
     assert_eq!(p.line().await, "-ERR Unknown command or bad syntax");
-    p.send(format!("USER {}\r\n", "y".repeat(20_000)).as_bytes()).await;
+    p.send(format!("USER {}\r\n", "y".repeat(20_000)).as_bytes())
+        .await;
     assert_eq!(p.line().await, "-ERR Line too long");
 
     // TLS garbage on the implicit-TLS port: the handshake fails, the
     // gateway goes on.
     let mut raw = tokio::net::TcpStream::connect(gateway.imaps).await.unwrap();
-    raw.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3]).await.unwrap();
+    raw.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3])
+        .await
+        .unwrap();
     raw.write_all(&[0xab; 4096]).await.unwrap();
     drop(raw);
     let (_c, greeting) = RawClient::connect(gateway.imaps).await;
@@ -92,9 +112,14 @@ async fn counting_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, 
 async fn ten_thousand_wrong_passwords() {
     let h = harness();
     h.seed("victim@example.test");
-    let token_target: std::net::SocketAddr = h.oauth_issuer.trim_start_matches("http://").parse().unwrap();
+    let token_target: std::net::SocketAddr = h
+        .oauth_issuer
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
     let (token_proxy, token_connections) = counting_proxy(token_target).await;
-    let (imap_proxy, imap_connections) = counting_proxy(format!("127.0.0.1:{}", h.imaps_port).parse().unwrap()).await;
+    let (imap_proxy, imap_connections) =
+        counting_proxy(format!("127.0.0.1:{}", h.imaps_port).parse().unwrap()).await;
     let path = h.oauth_token_url.splitn(4, '/').nth(3).unwrap().to_owned();
     let account = Account {
         token_url: Some(format!("http://{token_proxy}/{path}")),
@@ -110,7 +135,9 @@ async fn ten_thousand_wrong_passwords() {
         cheap_hashes: true,
         ..Options::default()
     };
-    let gateway = Arc::new(Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await);
+    let gateway = Arc::new(
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await,
+    );
     let connections = 32;
     let per_connection = 10_000usize.div_ceil(connections);
     let attempts = per_connection * connections;
@@ -122,9 +149,14 @@ async fn ten_thousand_wrong_passwords() {
             let (mut client, _) = RawClient::connect(gateway.imaps).await;
             let mut refused = 0;
             for i in 0..per_connection {
-                client.send(format!("x{i} LOGIN victim wrong-{c}-{i}\r\n").as_bytes()).await;
+                client
+                    .send(format!("x{i} LOGIN victim wrong-{c}-{i}\r\n").as_bytes())
+                    .await;
                 let reply = client.until_tagged(&format!("x{i}")).await;
-                assert_eq!(reply.last().unwrap(), &format!("x{i} NO [AUTHENTICATIONFAILED] Authentication failed"));
+                assert_eq!(
+                    reply.last().unwrap(),
+                    &format!("x{i} NO [AUTHENTICATIONFAILED] Authentication failed")
+                );
                 refused += 1;
             }
             refused
@@ -143,13 +175,20 @@ async fn ten_thousand_wrong_passwords() {
     assert!(attempts >= 10_000);
     // Rate bound: each connection's answers wait up to 20 ms each once the
     // back-off is at its cap; 10,000 over 32 connections can't beat that.
-    assert!(elapsed >= Duration::from_millis(per_connection as u64 * 20 - 200), "answered too fast: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(per_connection as u64 * 20 - 200),
+        "answered too fast: {elapsed:?}"
+    );
     let after = login_from(gateway.imaps, "127.0.0.2", &account).await;
     assert!(after.starts_with("a OK"), "after the attack: {after}");
     // Only the two real logins reached the upstream, and one token request
     // served them.
     assert_eq!(imap_connections.load(SeqCst), 2, "upstream connections");
-    assert_eq!(token_connections.load(SeqCst), 1, "token endpoint connections");
+    assert_eq!(
+        token_connections.load(SeqCst),
+        1,
+        "token endpoint connections"
+    );
 }
 
 /// Logs in over TLS from a chosen loopback source address.
@@ -158,7 +197,9 @@ async fn login_from(gateway: std::net::SocketAddr, source: &str, account: &Accou
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let tcp = socket.connect(gateway).await.unwrap();
     let mut client = RawClient::over(tcp).await;
-    client.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes()).await;
+    client
+        .send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
+        .await;
     let reply = client.until_tagged("a").await.last().unwrap().clone();
     client.send(b"z LOGOUT\r\n").await;
     let _ = client.until_tagged("z").await;

@@ -229,7 +229,10 @@ pub fn cheap_hash(password: &str) -> String {
     let params = argon2::Params::new(64, 1, 1, None).unwrap();
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let salt = SaltString::encode_b64(b"mailgate-test-salt").unwrap();
-    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 /// A gateway running in this process, listening on port 0.
@@ -501,7 +504,11 @@ tls = "{pop3_upstream_tls}"
             token = a.token_url.as_deref().unwrap_or(&h.oauth_token_url),
             device = h.oauth_device_url,
             integration_extra = a.integration_extra,
-            hash = if options.cheap_hashes { cheap_hash(a.password) } else { password_hash(a.password) },
+            hash = if options.cheap_hashes {
+                cheap_hash(a.password)
+            } else {
+                password_hash(a.password)
+            },
             mailbox = a.mailbox,
             grant = a.grant,
             refresh = a
@@ -561,7 +568,11 @@ impl RawClient {
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .expect("tls handshake with the gateway");
-        let mut c = Self { stream: Some(tls), plain: None, buf: BytesMut::new() };
+        let mut c = Self {
+            stream: Some(tls),
+            plain: None,
+            buf: BytesMut::new(),
+        };
         let _greeting = c.line().await;
         c
     }
