@@ -205,3 +205,32 @@ async fn login_from(gateway: std::net::SocketAddr, source: &str, account: &Accou
     let _ = client.until_tagged("z").await;
     reply
 }
+
+/// A client that connects and never starts its TLS handshake is dropped
+/// after the handshake timeout, and doesn't hold up anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tls_client_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let account = Account {
+        refresh_token: None,
+        ..Account::authorized_without_grant("silent", "silent@example.test")
+    };
+    let options = Options {
+        limits: "tls_handshake_timeout = \"1s\"".into(),
+        ..Options::default()
+    };
+    let gateway = Gateway::start_options(tempfile::tempdir().unwrap(), &[account], &options).await;
+    let mut silent = tokio::net::TcpStream::connect(gateway.imaps).await.unwrap();
+    // Meanwhile another client is served at once.
+    let (_other, greeting) = RawClient::connect(gateway.imaps).await;
+    assert!(greeting.starts_with("* OK"));
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("still open after the handshake timeout");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the connection to close: {read:?}"
+    );
+    gateway.stop().await;
+}
