@@ -17,7 +17,7 @@ use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
 use url::Url;
 
-use crate::imap::UpstreamTls;
+use crate::proto::UpstreamTls;
 use crate::secret::Secret;
 
 pub use raw::{Cloud, Grant, LogFormat, Protocol, Provider};
