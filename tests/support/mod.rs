@@ -608,6 +608,8 @@ impl RawClient {
     }
 
     async fn fill(&mut self) -> usize {
+        // Without spare capacity, read_buf reads 64 bytes at a time.
+        self.buf.reserve(64 * 1024);
         match (&mut self.stream, &mut self.plain) {
             (Some(s), _) => s.read_buf(&mut self.buf).await.unwrap_or(0),
             (None, Some(p)) => p.read_buf(&mut self.buf).await.unwrap_or(0),

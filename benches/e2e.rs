@@ -1,0 +1,380 @@
+//! The end-to-end benchmark: mailgate against a direct connection to the
+//! same Dovecot, in one run, so that noise on a shared machine hits both.
+//! Run it with `benches/e2e` (starts the harness). Prints each result with
+//! its ratio to direct and writes `target/e2e-bench.json`.
+//!
+//! Measured: relay throughput of a large FETCH and a large RETR (TLS on
+//! both legs), login latency with a cached token (p50, p99), logins per
+//! second at concurrency 1, 16 and 128, resident memory per idle
+//! logged-in session (1,000 sessions), and mailgate's CPU seconds per GB
+//! relayed. mailgate runs as its own process so that its memory and CPU
+//! can be read from /proc.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use support::{config_toml, harness, Account, Options, RawClient};
+
+/// The sequence number of the largest seed message (3 MiB).
+fn big() -> usize {
+    let seeds = harness().seed_messages();
+    let (i, _) = seeds
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, m)| m.len())
+        .unwrap();
+    i + 1
+}
+
+fn proc_stat(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    (rss_kib, ticks / 100.0)
+}
+
+struct Gateway {
+    child: Child,
+    imaps: std::net::SocketAddr,
+    pop3s: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(accounts: &[Account]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            limits: "max_pre_login_per_ip = 4096".into(),
+            ..Options::default()
+        };
+        let config = dir.path().join("mailgate.toml");
+        std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
+        let log = dir.path().join("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("RUST_LOG", "warn,mailgate::app=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let addresses: Vec<std::net::SocketAddr> = text
+                .lines()
+                .filter(|l| l.contains(" listening address="))
+                .filter_map(|l| l.split("address=").nth(1)?.split(' ').next()?.parse().ok())
+                .collect();
+            if addresses.len() == 4 {
+                return Self {
+                    child,
+                    imaps: addresses[0],
+                    pop3s: addresses[2],
+                    _dir: dir,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "mailgate did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn stat(&self) -> (u64, f64) {
+        proc_stat(self.child.id())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An IMAP session logged in directly at Dovecot with XOAUTH2, or through
+/// mailgate with LOGIN. Returns the session and the login's latency.
+async fn imap_login(
+    gateway: Option<&Gateway>,
+    account: &Account,
+    token: &str,
+) -> (RawClient, Duration) {
+    let h = harness();
+    let address = match gateway {
+        Some(g) => g.imaps,
+        None => format!("127.0.0.1:{}", h.imaps_port).parse().unwrap(),
+    };
+    let (mut c, _) = RawClient::connect(address).await;
+    let line = match gateway {
+        Some(_) => format!("a LOGIN {} {}\r\n", account.name, account.password),
+        None => {
+            let raw = format!("user={}\x01auth=Bearer {token}\x01\x01", account.mailbox);
+            format!(
+                "a AUTHENTICATE XOAUTH2 {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        }
+    };
+    let started = Instant::now();
+    c.send(line.as_bytes()).await;
+    let reply = c.until_tagged("a").await;
+    let elapsed = started.elapsed();
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    (c, elapsed)
+}
+
+/// MB/s of fetching the big message `rounds` times on one session.
+async fn fetch_throughput(mut c: RawClient, rounds: usize) -> (f64, u64) {
+    c.send(b"s SELECT INBOX\r\n").await;
+    let _ = c.until_tagged("s").await;
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    for i in 0..rounds {
+        c.send(format!("f{i} FETCH {} (BODY.PEEK[])\r\n", big()).as_bytes())
+            .await;
+        let header = c.line().await;
+        let size: usize = header
+            .rsplit_once('{')
+            .unwrap()
+            .1
+            .trim_end_matches('}')
+            .parse()
+            .unwrap();
+        bytes += c.bytes(size).await.len() as u64;
+        let _ = c.until_tagged(&format!("f{i}")).await;
+    }
+    (bytes as f64 / 1e6 / started.elapsed().as_secs_f64(), bytes)
+}
+
+/// MB/s of RETR of the big message `rounds` times over POP3.
+async fn retr_throughput(
+    gateway: Option<&Gateway>,
+    account: &Account,
+    token: &str,
+    rounds: usize,
+) -> f64 {
+    let h = harness();
+    let address = match gateway {
+        Some(g) => g.pop3s,
+        None => format!("127.0.0.1:{}", h.pop3s_port).parse().unwrap(),
+    };
+    let (mut c, _) = RawClient::connect(address).await;
+    match gateway {
+        Some(_) => {
+            c.send(format!("USER {}\r\nPASS {}\r\n", account.name, account.password).as_bytes())
+                .await;
+            c.line().await;
+            assert!(c.line().await.starts_with("+OK"));
+        }
+        None => {
+            let raw = format!("user={}\x01auth=Bearer {token}\x01\x01", account.mailbox);
+            c.send(b"AUTH XOAUTH2\r\n").await;
+            assert!(c.line().await.starts_with('+'));
+            c.send(
+                format!(
+                    "{}\r\n",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                )
+                .as_bytes(),
+            )
+            .await;
+            assert!(c.line().await.starts_with("+OK"));
+        }
+    }
+    let mut bytes = 0usize;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        c.send(format!("RETR {}\r\n", big()).as_bytes()).await;
+        assert!(c.line().await.starts_with("+OK"));
+        loop {
+            let line = c.line().await;
+            if line == "." {
+                break;
+            }
+            bytes += line.len() + 2;
+        }
+    }
+    bytes as f64 / 1e6 / started.elapsed().as_secs_f64()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Full logins (connect, TLS, login, logout) per second at `concurrency`.
+async fn logins_per_second(
+    gateway: Option<Arc<Gateway>>,
+    account: &Account,
+    token: &str,
+    concurrency: usize,
+    total: usize,
+) -> f64 {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = total / concurrency;
+    for _ in 0..concurrency {
+        let (gateway, account, token) = (gateway.clone(), account.clone(), token.to_owned());
+        tasks.spawn(async move {
+            for _ in 0..per {
+                let (mut c, _) = imap_login(gateway.as_deref(), &account, &token).await;
+                c.send(b"z LOGOUT\r\n").await;
+                let _ = c.until_tagged("z").await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    (per * concurrency) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn report(
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    direct: f64,
+    via: f64,
+    unit: &str,
+) {
+    let ratio = via / direct;
+    println!("{name:<40} direct {direct:>10.2} {unit:<8} mailgate {via:>10.2} {unit:<8} ratio {ratio:.2}");
+    results.insert(
+        name.to_owned(),
+        serde_json::json!({"direct": direct, "mailgate": via, "unit": unit, "ratio": ratio}),
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    mailgate::tls::install_default_provider();
+    let h = harness();
+    h.seed("bench@example.test");
+    let grant = h.authorize(support::CLIENT, "bench@example.test");
+    let account = Account {
+        refresh_token: Some(grant.refresh_token.clone()),
+        ..Account::authorized_without_grant("bench", "bench@example.test")
+    };
+    let token = grant.access_token.clone();
+    let gateway = Arc::new(Gateway::start(std::slice::from_ref(&account)));
+    let mut results = serde_json::Map::new();
+
+    // Warm up: the first login refreshes the token.
+    let (c, _) = imap_login(Some(&gateway), &account, &token).await;
+    drop(c);
+
+    // Relay throughput and CPU per GB.
+    let (c, _) = imap_login(None, &account, &token).await;
+    let (direct_fetch, _) = fetch_throughput(c, 10).await;
+    let (c, _) = imap_login(Some(&gateway), &account, &token).await;
+    let (_, cpu_before) = gateway.stat();
+    let (via_fetch, bytes) = fetch_throughput(c, 10).await;
+    let (_, cpu_after) = gateway.stat();
+    report(
+        &mut results,
+        "imap FETCH 3 MiB x10 throughput",
+        direct_fetch,
+        via_fetch,
+        "MB/s",
+    );
+    let cpu_per_gb = (cpu_after - cpu_before) / (bytes as f64 / 1e9);
+    println!(
+        "{:<40} {cpu_per_gb:.2} CPU-seconds per GB relayed",
+        "mailgate relay cost"
+    );
+    results.insert("cpu_seconds_per_gb".into(), serde_json::json!(cpu_per_gb));
+    let direct_retr = retr_throughput(None, &account, &token, 10).await;
+    let via_retr = retr_throughput(Some(&gateway), &account, &token, 10).await;
+    report(
+        &mut results,
+        "pop3 RETR 3 MiB x10 throughput",
+        direct_retr,
+        via_retr,
+        "MB/s",
+    );
+
+    // Login latency with a cached token.
+    let mut direct = Vec::new();
+    let mut via = Vec::new();
+    for _ in 0..50 {
+        direct.push(imap_login(None, &account, &token).await.1);
+        via.push(imap_login(Some(&gateway), &account, &token).await.1);
+    }
+    for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let d = percentile(&mut direct, p).as_secs_f64() * 1e3;
+        let v = percentile(&mut via, p).as_secs_f64() * 1e3;
+        report(
+            &mut results,
+            &format!("login latency {name} (cached token)"),
+            d,
+            v,
+            "ms",
+        );
+        results.insert(format!("login_added_ms_{name}"), serde_json::json!(v - d));
+    }
+
+    // Logins per second.
+    for concurrency in [1, 16, 128] {
+        let total = (concurrency * 4).max(64);
+        let d = logins_per_second(None, &account, &token, concurrency, total).await;
+        let v =
+            logins_per_second(Some(gateway.clone()), &account, &token, concurrency, total).await;
+        report(
+            &mut results,
+            &format!("logins/s at concurrency {concurrency}"),
+            d,
+            v,
+            "logins/s",
+        );
+    }
+
+    // Memory per idle logged-in session.
+    let (rss_before, _) = gateway.stat();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(imap_login(Some(&gateway), &account, &token).await.0);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_after, _) = gateway.stat();
+    let per_session = (rss_after.saturating_sub(rss_before)) as f64 / 1000.0;
+    println!(
+        "{:<40} {per_session:.1} KiB resident per idle TLS session (both legs), 1,000 sessions",
+        "mailgate memory"
+    );
+    results.insert(
+        "kib_per_idle_session_1000".into(),
+        serde_json::json!(per_session),
+    );
+    drop(idle);
+
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-bench.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(results)).unwrap(),
+    )
+    .unwrap();
+    println!("written to {}", out.display());
+}
