@@ -66,7 +66,7 @@ impl Gateway {
         let config = dir.path().join("mailgate.toml");
         std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
         let log = dir.path().join("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
             .arg("--config")
             .arg(&config)
             .arg("run")
