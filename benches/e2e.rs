@@ -92,6 +92,8 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "mailgate did not start: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
