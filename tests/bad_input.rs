@@ -234,3 +234,40 @@ async fn a_silent_tls_client_is_dropped_after_the_handshake_timeout() {
     );
     gateway.stop().await;
 }
+
+/// At `max_connections` the gateway serves no more (new clients wait in
+/// the backlog) and resumes when a connection closes. Idle listeners hold
+/// no capacity: with four listeners and a cap of two, two clients are
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let account = Account {
+        refresh_token: None,
+        ..Account::authorized_without_grant("capacity", "capacity@example.test")
+    };
+    let options = Options {
+        limits: "max_connections = 2".into(),
+        ..Options::default()
+    };
+    let gateway = Gateway::start_options(tempfile::tempdir().unwrap(), &[account], &options).await;
+    let (first, _) = RawClient::connect(gateway.imaps).await;
+    let (_second, greeting) =
+        tokio::time::timeout(Duration::from_secs(10), RawClient::connect(gateway.imaps))
+            .await
+            .expect("the second connection, within the cap, was not served");
+    assert!(greeting.starts_with("* OK"));
+    let address = gateway.imaps;
+    let third = tokio::spawn(async move { RawClient::connect(address).await.1 });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served beyond the cap"
+    );
+    drop(first);
+    let greeting = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("no greeting after a slot freed")
+        .unwrap();
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    gateway.stop().await;
+}

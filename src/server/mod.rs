@@ -277,6 +277,21 @@ pub async fn accept_loop(
         .map_or_else(|_| config.address.to_string(), |a| a.to_string())
         .into();
     loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // The permit is taken after accepting, so that idle listeners hold
+        // none. At the limit this connection waits for one (and the next
+        // ones wait in the kernel's backlog).
         let permit = tokio::select! {
             _ = shutdown.changed() => return,
             permit = gateway.connections.clone().acquire_owned() => match permit {
@@ -284,28 +299,20 @@ pub async fn accept_loop(
                 Err(_) => return,
             },
         };
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let connection = connection::serve(
-                        gateway.clone(),
-                        tcp,
-                        peer,
-                        connection::Listener { protocol: config.protocol, tls: config.tls, label: label.clone() },
-                        shutdown.clone(),
-                    );
-                    tokio::spawn(async move {
-                        connection.await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let connection = connection::serve(
+            gateway.clone(),
+            tcp,
+            peer,
+            connection::Listener {
+                protocol: config.protocol,
+                tls: config.tls,
+                label: label.clone(),
+            },
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            connection.await;
+            drop(permit);
+        });
     }
 }
