@@ -5,7 +5,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailgate::proto::{Action, ClientSession, FrameLimits, Framer, UpstreamAction, UpstreamTls};
+use mailgate::proto::{
+    Action, ClientSession, FrameLimits, Framer, UpstreamAction, UpstreamLogin as _, UpstreamTls,
+};
 use mailgate::secret::Secret;
 use mailgate::{imap, pop3};
 

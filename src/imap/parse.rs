@@ -7,7 +7,7 @@
 use nom::branch::alt;
 use nom::bytes::complete::{tag, tag_no_case, take, take_while, take_while1};
 use nom::character::complete::{char, digit1};
-use nom::combinator::{map, map_res, opt, rest, verify};
+use nom::combinator::{map, map_res, opt, verify};
 use nom::multi::separated_list1;
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
@@ -412,13 +412,6 @@ fn resp_code(i: &[u8]) -> IResult<&[u8], Code<'_>> {
     .parse(i)
 }
 
-/// Everything after the first space of a line; used for unparsed text.
-pub fn after_first_space(i: &[u8]) -> &[u8] {
-    let r: IResult<&[u8], &[u8]> = preceded(take_while(|b| b != b' '), rest).parse(i);
-    r.map(|(_, t)| t.strip_prefix(b" ").unwrap_or(t))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +562,5 @@ mod tests {
             })
         );
         assert_eq!(response(b"garbage\r\n"), Err(ParseError));
-        assert_eq!(after_first_space(b"+ abc"), b"abc");
     }
 }

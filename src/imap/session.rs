@@ -74,81 +74,6 @@ impl Session {
         session
     }
 
-    /// Adds bytes read from the client.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.extend_from_slice(bytes);
-        }
-    }
-
-    /// The next thing to do, or `None` when the session needs more client
-    /// bytes or is waiting for a `tls_established` / `login_*` call.
-    pub fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if !self.step() {
-                return None;
-            }
-        }
-    }
-
-    /// The driver finished the TLS handshake that `Action::StartTls` asked for.
-    pub fn tls_established(&mut self) {
-        self.options.tls_active = true;
-        // Bytes that arrived before the handshake are plaintext injected
-        // ahead of TLS; they must not be read as commands (RFC 2595 §3.1).
-        self.input.clear();
-        self.framer.reset();
-        if matches!(self.state, State::StartingTls) {
-            self.state = State::NotAuthenticated;
-        }
-    }
-
-    /// The upstream login succeeded with these capabilities.
-    pub fn login_succeeded<S: AsRef<str>>(&mut self, upstream_capabilities: &[S]) {
-        let State::AwaitingLogin { tag } = std::mem::replace(&mut self.state, State::Relaying)
-        else {
-            return;
-        };
-        let caps = capability::after_login(upstream_capabilities);
-        // `CAPABILITY` with no capability is invalid syntax: leave it out.
-        let code = (!caps.is_empty()).then(|| format!("CAPABILITY {}", caps.join(" ")));
-        self.send(encode::tagged(&tag, "OK", code.as_deref(), "Logged in"));
-        let to_upstream = self.input.split().freeze();
-        self.actions.push_back(Action::Splice { to_upstream });
-    }
-
-    /// The login failed; tell the client why and read its next command.
-    pub fn login_failed(&mut self, failure: LoginFailure) {
-        let State::AwaitingLogin { tag } =
-            std::mem::replace(&mut self.state, State::NotAuthenticated)
-        else {
-            return;
-        };
-        let (code, text) = match failure {
-            LoginFailure::BadCredentials => ("AUTHENTICATIONFAILED", "Authentication failed"),
-            LoginFailure::Unavailable => (
-                "UNAVAILABLE",
-                "Upstream mail service unavailable, try again later",
-            ),
-            LoginFailure::NeedsAuthorization => (
-                "AUTHENTICATIONFAILED",
-                "This account must be authorized again by the mailgate administrator",
-            ),
-            LoginFailure::InUse => ("INUSE", "Mailbox in use"),
-        };
-        self.send(encode::tagged(&tag, "NO", Some(code), text));
-    }
-
-    /// Says goodbye and closes, for a gateway that is shutting down.
-    pub fn shutdown(&mut self) {
-        if !matches!(self.state, State::Relaying | State::Closed) {
-            self.close_with(encode::bye("mailgate shutting down"));
-        }
-    }
-
     fn secure(&self) -> bool {
         self.options.tls_active || self.options.loopback_plaintext
     }
@@ -347,24 +272,81 @@ impl Session {
 }
 
 impl ClientSession for Session {
+    /// Adds bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        Session::feed(self, bytes);
+        if !matches!(self.state, State::Closed) {
+            self.input.extend_from_slice(bytes);
+        }
     }
+
+    /// The next thing to do, or `None` when the session needs more client
+    /// bytes or is waiting for a `tls_established` / `login_*` call.
     fn next_action(&mut self) -> Option<Action> {
-        Session::next_action(self)
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if !self.step() {
+                return None;
+            }
+        }
     }
+
+    /// The driver finished the TLS handshake that `Action::StartTls` asked for.
     fn tls_established(&mut self) {
-        Session::tls_established(self);
+        self.options.tls_active = true;
+        // Bytes that arrived before the handshake are plaintext injected
+        // ahead of TLS; they must not be read as commands (RFC 2595 §3.1).
+        self.input.clear();
+        self.framer.reset();
+        if matches!(self.state, State::StartingTls) {
+            self.state = State::NotAuthenticated;
+        }
     }
+
+    /// The upstream login succeeded with these capabilities.
     fn login_succeeded(&mut self, upstream_capabilities: &[String]) {
-        Session::login_succeeded(self, upstream_capabilities);
+        let State::AwaitingLogin { tag } = std::mem::replace(&mut self.state, State::Relaying)
+        else {
+            return;
+        };
+        let caps = capability::after_login(upstream_capabilities);
+        // `CAPABILITY` with no capability is invalid syntax: leave it out.
+        let code = (!caps.is_empty()).then(|| format!("CAPABILITY {}", caps.join(" ")));
+        self.send(encode::tagged(&tag, "OK", code.as_deref(), "Logged in"));
+        let to_upstream = self.input.split().freeze();
+        self.actions.push_back(Action::Splice { to_upstream });
     }
+
+    /// The login failed; tell the client why and read its next command.
     fn login_failed(&mut self, failure: LoginFailure) {
-        Session::login_failed(self, failure);
+        let State::AwaitingLogin { tag } =
+            std::mem::replace(&mut self.state, State::NotAuthenticated)
+        else {
+            return;
+        };
+        let (code, text) = match failure {
+            LoginFailure::BadCredentials => ("AUTHENTICATIONFAILED", "Authentication failed"),
+            LoginFailure::Unavailable => (
+                "UNAVAILABLE",
+                "Upstream mail service unavailable, try again later",
+            ),
+            LoginFailure::NeedsAuthorization => (
+                "AUTHENTICATIONFAILED",
+                "This account must be authorized again by the mailgate administrator",
+            ),
+            LoginFailure::InUse => ("INUSE", "Mailbox in use"),
+        };
+        self.send(encode::tagged(&tag, "NO", Some(code), text));
     }
+
+    /// Says goodbye and closes, for a gateway that is shutting down.
     fn shutdown(&mut self) {
-        Session::shutdown(self);
+        if !matches!(self.state, State::Relaying | State::Closed) {
+            self.close_with(encode::bye("mailgate shutting down"));
+        }
     }
+
     fn too_busy(&mut self) {
         self.actions.clear();
         self.close_with(encode::bye(

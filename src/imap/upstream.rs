@@ -59,46 +59,6 @@ impl Upstream {
         }
     }
 
-    /// Adds bytes read from the upstream.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            State::Done => {}
-            // The driver hands the socket to the TLS handshake after
-            // `StartTls`; plaintext now would be injected (RFC 2595 §3.1).
-            State::StartingTls if !bytes.is_empty() => {
-                self.fail("upstream sent data after STARTTLS")
-            }
-            _ => self.input.extend_from_slice(bytes),
-        }
-    }
-
-    /// The next thing to do, or `None` when more upstream bytes are needed.
-    pub fn next_action(&mut self) -> Option<UpstreamAction> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if matches!(self.state, State::Done | State::StartingTls) {
-                return None;
-            }
-            let frame = self.framer.next(&mut self.input, false)?;
-            match frame {
-                Frame::Complete(line) => self.line(&line),
-                _ => self.fail("upstream sent an overlong line"),
-            }
-        }
-    }
-
-    /// The TLS handshake after `STARTTLS` is done.
-    pub fn tls_established(&mut self) {
-        if self.state == State::StartingTls {
-            // Capabilities must be asked again after STARTTLS (RFC 9051 §6.2.1).
-            self.capabilities.clear();
-            self.send(Bytes::from_static(b"m2 CAPABILITY\r\n"));
-            self.state = State::Capability;
-        }
-    }
-
     fn send(&mut self, bytes: Bytes) {
         self.actions.push_back(UpstreamAction::Send(bytes));
     }
@@ -279,14 +239,44 @@ impl Upstream {
 }
 
 impl UpstreamLogin for Upstream {
+    /// Adds bytes read from the upstream.
     fn feed(&mut self, bytes: &[u8]) {
-        Upstream::feed(self, bytes);
+        match self.state {
+            State::Done => {}
+            // The driver hands the socket to the TLS handshake after
+            // `StartTls`; plaintext now would be injected (RFC 2595 §3.1).
+            State::StartingTls if !bytes.is_empty() => {
+                self.fail("upstream sent data after STARTTLS")
+            }
+            _ => self.input.extend_from_slice(bytes),
+        }
     }
+
+    /// The next thing to do, or `None` when more upstream bytes are needed.
     fn next_action(&mut self) -> Option<UpstreamAction> {
-        Upstream::next_action(self)
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if matches!(self.state, State::Done | State::StartingTls) {
+                return None;
+            }
+            let frame = self.framer.next(&mut self.input, false)?;
+            match frame {
+                Frame::Complete(line) => self.line(&line),
+                _ => self.fail("upstream sent an overlong line"),
+            }
+        }
     }
+
+    /// The TLS handshake after `STARTTLS` is done.
     fn tls_established(&mut self) {
-        Upstream::tls_established(self);
+        if self.state == State::StartingTls {
+            // Capabilities must be asked again after STARTTLS (RFC 9051 §6.2.1).
+            self.capabilities.clear();
+            self.send(Bytes::from_static(b"m2 CAPABILITY\r\n"));
+            self.state = State::Capability;
+        }
     }
 }
 

@@ -521,6 +521,3 @@ fn usable(state: &AccountState) -> Option<Secret<String>> {
         .filter(|u| *u > Instant::now())
         .map(|_| Secret::new(token.clone()))
 }
-
-/// Shared handle.
-pub type SharedTokens = Arc<Tokens>;
