@@ -141,6 +141,9 @@ impl Gateway {
         services: &Services,
         credentials: &Credentials,
     ) -> Result<Arc<Account>, LoginFailure> {
+        if let Some(account) = services.accounts.remembered(credentials) {
+            return Ok(account);
+        }
         // argon2 takes tens of milliseconds of CPU: keep it off the I/O threads.
         let _permit = self
             .verifications
