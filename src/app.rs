@@ -104,6 +104,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         TokenStore::open(&config.state_dir, &config.store_key)
             .map_err(|e| start_error("token store", e))?,
     ));
+    let page = Arc::new(
+        crate::admin::page::PageState::new()
+            .map_err(|_| start_error("start", "the system's random source failed"))?,
+    );
     let http = crate::admin::bind(&config)
         .await
         .map_err(|e| start_error("http listen", e))?;
@@ -137,6 +141,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 services: current.clone(),
                 metrics: metrics.clone(),
                 pending,
+                page: page.clone(),
             });
             info!(%address, "http listening");
             tasks.spawn(crate::admin::serve(

@@ -4,11 +4,14 @@
 use std::io::BufRead as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mailgate::admin::{self, AdminState, Pending, PendingStore};
 use mailgate::config::{Account, Config, Grant};
-use mailgate::oauth::{fix_command, grant, TokenStore, Tokens};
+use mailgate::oauth::{
+    fix_command, format_relative as relative, format_time as when, grant, unix_now, TokenStore,
+    Tokens,
+};
 use mailgate::server::probe;
 use mailgate::services::{Current, Services};
 
@@ -22,12 +25,6 @@ pub struct AuthorizeMode {
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("mailgate: {message}");
     ExitCode::FAILURE
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn services(config: Arc<Config>) -> Result<Services, ExitCode> {
@@ -73,12 +70,7 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
         Ok(store) => Arc::new(PendingStore::new(store)),
         Err(e) => return fail(e),
     };
-    let record = Pending {
-        account: name.to_owned(),
-        verifier: started.verifier.expose().clone(),
-        created_at: now(),
-        outcome: None,
-    };
+    let record = Pending::started(name, &started, false);
     if let Err(e) = pending.save(&started.state, &record) {
         return fail(e);
     }
@@ -100,6 +92,10 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
         services: Current::new(services),
         metrics,
         pending: pending.clone(),
+        page: match admin::page::PageState::new() {
+            Ok(p) => Arc::new(p),
+            Err(_) => return fail("the system's random source failed"),
+        },
     };
     let outcome = if mode.paste {
         eprintln!("The provider then sends your browser to {redirect}?code=...; the page may not load. Paste that whole URL here:");
@@ -229,25 +225,6 @@ async fn authorize_device(tokens: &Tokens, account: &Account) -> ExitCode {
     }
 }
 
-fn when(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
-fn relative(unix: u64) -> String {
-    let now = now();
-    if unix > now {
-        format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs(unix - now))
-        )
-    } else {
-        format!(
-            "{} ago",
-            humantime::format_duration(Duration::from_secs(now - unix))
-        )
-    }
-}
-
 pub async fn status(config: Config) -> ExitCode {
     let store = match TokenStore::open(&config.state_dir, &config.store_key) {
         Ok(s) => s,
@@ -301,7 +278,7 @@ pub async fn status(config: Config) -> ExitCode {
             Ok(None) => println!("  token:        none yet"),
             Ok(Some(r)) => {
                 if r.access_token.is_some() {
-                    let state = if r.expires_at > now() {
+                    let state = if r.expires_at > unix_now() {
                         "valid until"
                     } else {
                         "expired at"

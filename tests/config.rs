@@ -190,6 +190,18 @@ fn errors_name_the_offending_key() {
             ),
             "integrations.g.tenant",
         ),
+        (
+            base("[http]\naddress = \"127.0.0.1:8080\"\ntls = \"plaintext\"\nadmin_password_hash = \"hunter2\""),
+            "http.admin_password_hash: not a PHC hash string",
+        ),
+        (
+            base("[http]\naddress = \"127.0.0.1:8080\"\ntls = \"plaintext\"\nadmin_username = \"root\""),
+            "http.admin_password_hash: admin_username is set",
+        ),
+        (
+            base("[http]\naddress = \"127.0.0.1:8080\"\ntls = \"plaintext\"\nadmin_password_on_loopback = true"),
+            "http.admin_password_hash: admin_password_on_loopback needs",
+        ),
     ];
     for (toml, want) in cases {
         let err = error_of(&toml);

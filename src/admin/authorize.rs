@@ -21,6 +21,23 @@ pub struct Pending {
     /// Set when the flow ended: `Ok(())`, or why it failed.
     #[serde(default)]
     pub outcome: Option<Result<(), String>>,
+    /// Started from the integrations page: the callback sends the browser
+    /// back there.
+    #[serde(default)]
+    pub from_page: bool,
+}
+
+impl Pending {
+    /// The record of a flow just started for `account`.
+    pub fn started(account: &str, started: &grant::Authorization, from_page: bool) -> Self {
+        Self {
+            account: account.to_owned(),
+            verifier: started.verifier.expose().clone(),
+            created_at: now(),
+            outcome: None,
+            from_page,
+        }
+    }
 }
 
 impl std::fmt::Debug for Pending {
@@ -117,6 +134,23 @@ pub enum CallbackError {
     Exchange(String),
 }
 
+/// The authorization endpoint's error codes (RFC 6749 §4.1.2.1, OpenID
+/// Connect Core §3.1.2.6) in plain words, with what to do.
+fn explain(error: &str) -> &'static str {
+    match error {
+        "access_denied" => "the user declined, or cancelled, at the provider's sign-in or consent page",
+        "invalid_scope" => "the provider doesn't know a scope of this integration, or the client may not ask for it",
+        "unauthorized_client" => "the client may not use the authorization-code grant: enable it in the provider's app registration",
+        "invalid_request" => "the provider rejected the request; check that the redirect URL registered there is exactly the one mailgate shows",
+        "unsupported_response_type" => "the provider doesn't offer the authorization-code flow to this client",
+        "server_error" | "temporarily_unavailable" => "the provider had a problem; try again in a moment",
+        "login_required" | "interaction_required" | "consent_required" | "account_selection_required" => {
+            "the provider needs the user to sign in or consent interactively"
+        }
+        _ => "see the provider's documentation for this error code",
+    }
+}
+
 /// Completes the flow that `state` names: exchanges the code with the PKCE
 /// verifier and stores the tokens. Returns the account's name.
 pub async fn finish(
@@ -136,8 +170,8 @@ pub async fn finish(
     };
     if let Some(error) = error {
         let why = match error_description {
-            Some(d) => format!("{error} ({d})"),
-            None => error.to_owned(),
+            Some(d) => format!("{error} ({d}): {}", explain(error)),
+            None => format!("{error}: {}", explain(error)),
         };
         if let (Some(state), Some(p)) = (state, pending) {
             pending_store.finish(state, p, Err(format!("the provider refused: {why}")));

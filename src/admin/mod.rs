@@ -3,6 +3,7 @@
 //! or plain HTTP on loopback.
 
 pub mod authorize;
+pub mod page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -31,11 +32,16 @@ pub struct AdminState {
     pub services: Current,
     pub metrics: Arc<Metrics>,
     pub pending: Arc<PendingStore>,
+    pub page: Arc<page::PageState>,
 }
 
 /// The routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(page::show))
+        .route("/static/{file}", get(page::asset))
+        .route("/accounts/{name}/authorize", post(page::authorize))
+        .route("/accounts/{name}/test", post(page::test))
         .route("/oauth2/callback/{slug}", get(callback))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -128,29 +134,48 @@ pub async fn serve(
                 }
             },
         };
-        let (router, tls) = (router.clone(), tls.clone());
+        // The page lets loopback peers in: it needs to know the peer.
+        let router = router
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = TowerToHyperService::new(router);
-            let builder = hyper::server::conn::http1::Builder::new();
             let result = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await
-                        }
+                        Ok(Ok(stream)) => serve_connection(stream, router, shutdown).await,
                         Ok(Err(e)) => return debug!(%peer, error = %e, "http tls handshake failed"),
                         Err(_) => return debug!(%peer, "http tls handshake timed out"),
                     }
                 }
-                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                None => serve_connection(tcp, router, shutdown).await,
             };
             if let Err(e) = result {
                 debug!(%peer, error = %e, "http connection");
             }
         });
     }
+}
+
+/// Serves one connection; at shutdown, finishes the request in flight and
+/// closes, so that no keep-alive connection outlives the listener.
+async fn serve_connection<S>(
+    stream: S,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = shutdown.changed() => connection.as_mut().graceful_shutdown(),
+    }
+    connection.await
 }
 
 /// Binds the HTTP listener of `config`, if it has one.
@@ -197,6 +222,13 @@ async fn callback(
              (mailgate redirect-url INTEGRATION) at the provider.",
         );
     };
+    // A flow started from the integrations page returns there.
+    let from_page = q
+        .state
+        .as_deref()
+        .and_then(|state| s.pending.load(state).ok().flatten())
+        .filter(|p| p.from_page)
+        .map(|p| p.account);
     let outcome = authorize::finish(
         &s.pending,
         &services,
@@ -207,6 +239,14 @@ async fn callback(
         q.error_description.as_deref(),
     )
     .await;
+    if let Some(account) = from_page {
+        s.page
+            .authorization_ended(&account, outcome.map(|_| ()).map_err(|e| e.to_string()));
+        return page::see_other(&format!(
+            "{}#account-{account}",
+            page::page_path(&services.config)
+        ));
+    }
     match outcome {
         Ok(account) => page(
             StatusCode::OK,
@@ -226,25 +266,31 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response {
         x = escape(text)
     );
     let mut response = (status, body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
+    response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'"),
-    );
-    headers.insert(
+    secure(&mut response, "default-src 'none'");
+    response
+}
+
+/// The security headers of every HTML response and redirect: the CSP,
+/// never cached, no sniffing, no referrer, no framing.
+pub(crate) fn secure(response: &mut Response, csp: &str) {
+    let h = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, value);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(
+    h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    response
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
 }
 
 /// HTML text escaping.

@@ -174,6 +174,20 @@ pub struct HttpSettings {
     pub tls: HttpTls,
     /// The base of the redirect URLs, as the admin's browser reaches us.
     pub public_url: Url,
+    /// The credential that opens the integrations page to peers other than
+    /// loopback; without one, only loopback peers get the page.
+    pub admin: Option<AdminCredential>,
+    /// Ask loopback peers for the credential too (behind a reverse proxy on
+    /// the same host, every peer is loopback).
+    pub admin_password_on_loopback: bool,
+}
+
+/// The integrations page's login, for HTTP Basic authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminCredential {
+    pub username: String,
+    /// An argon2id PHC string (`mailgate hash-password`).
+    pub password_hash: Secret<String>,
 }
 
 /// HTTPS, or HTTP on a loopback address only.
@@ -324,6 +338,25 @@ impl Config {
                 s,
                 "listener: {:?} on {} ({:?})",
                 l.protocol, l.address, l.tls
+            );
+        }
+        if let Some(h) = &self.http {
+            let _ = writeln!(
+                s,
+                "http: {} ({:?}), public URL {}, integrations page: {}",
+                h.address,
+                h.tls,
+                h.public_url,
+                match (&h.admin, h.admin_password_on_loopback) {
+                    (None, _) => "loopback only".to_owned(),
+                    (Some(a), false) => {
+                        format!(
+                            "loopback, or user {} with a password (hash set)",
+                            a.username
+                        )
+                    }
+                    (Some(a), true) => format!("user {} with a password (hash set)", a.username),
+                }
             );
         }
         for i in self.integrations.values() {
@@ -595,11 +628,55 @@ fn http_settings(h: raw::Http) -> Result<HttpSettings, ConfigError> {
             ))
         }
     }
+    let admin = match h.admin_password_hash {
+        Some(hash) => {
+            argon2id_hash("http.admin_password_hash", &hash)?;
+            let username = h.admin_username.unwrap_or_else(|| "admin".into());
+            if username.is_empty() || username.contains(':') {
+                return Err(invalid(
+                    "http.admin_username",
+                    "must be non-empty and without ':'",
+                ));
+            }
+            Some(AdminCredential {
+                username,
+                password_hash: hash,
+            })
+        }
+        None if h.admin_username.is_some() => {
+            return Err(invalid(
+                "http.admin_password_hash",
+                "admin_username is set but admin_password_hash is not",
+            ))
+        }
+        None => None,
+    };
+    let admin_password_on_loopback = h.admin_password_on_loopback.unwrap_or(false);
+    if admin_password_on_loopback && admin.is_none() {
+        return Err(invalid(
+            "http.admin_password_hash",
+            "admin_password_on_loopback needs an admin_password_hash",
+        ));
+    }
     Ok(HttpSettings {
         address,
         tls,
         public_url,
+        admin,
+        admin_password_on_loopback,
     })
+}
+
+/// Checks that `hash` is an argon2id PHC string.
+fn argon2id_hash(key: &str, hash: &Secret<String>) -> Result<(), ConfigError> {
+    match argon2::PasswordHash::new(hash.expose()) {
+        Ok(h) if h.algorithm.as_str() == "argon2id" => Ok(()),
+        Ok(_) => Err(invalid(
+            key,
+            "must be an argon2id hash (see mailgate hash-password)",
+        )),
+        Err(e) => Err(invalid(key, format!("not a PHC hash string: {e}"))),
+    }
 }
 
 impl Config {
@@ -1022,21 +1099,7 @@ fn account(
     if username.is_empty() {
         return Err(invalid(format!("{key}.username"), "must not be empty"));
     }
-    match argon2::PasswordHash::new(a.password_hash.expose()) {
-        Ok(h) if h.algorithm.as_str() == "argon2id" => {}
-        Ok(_) => {
-            return Err(invalid(
-                format!("{key}.password_hash"),
-                "must be an argon2id hash (see mailgate hash-password)",
-            ))
-        }
-        Err(e) => {
-            return Err(invalid(
-                format!("{key}.password_hash"),
-                format!("not a PHC hash string: {e}"),
-            ))
-        }
-    }
+    argon2id_hash(&format!("{key}.password_hash"), &a.password_hash)?;
     if a.mailbox.is_empty() || a.mailbox.contains(['\x01', '\r', '\n']) {
         return Err(invalid(
             format!("{key}.mailbox"),

@@ -59,6 +59,9 @@ pub struct Http {
     pub address: String,
     pub tls: HttpTls,
     pub public_url: Option<String>,
+    pub admin_username: Option<String>,
+    pub admin_password_hash: Option<Secret<String>>,
+    pub admin_password_on_loopback: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

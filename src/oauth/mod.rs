@@ -50,10 +50,32 @@ pub fn fix_command(account: &str) -> String {
     format!("mailgate authorize {account}")
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// A Unix time as RFC 3339 UTC, to the second.
+pub fn format_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// A Unix time relative to now: "in 59m 58s" or "3m 2s ago".
+pub fn format_relative(unix: u64) -> String {
+    let now = unix_now();
+    if unix > now {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(unix - now))
+        )
+    } else {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(now - unix))
+        )
+    }
 }
 
 /// One account's token state in this process: a mirror of its store
