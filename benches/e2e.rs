@@ -32,6 +32,8 @@ fn big() -> usize {
     i + 1
 }
 
+/// Resident memory (KiB) and CPU time (seconds, every thread, to the
+/// nanosecond from schedstat) of a process.
 fn proc_stat(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib = status
@@ -43,24 +45,44 @@ fn proc_stat(pid: u32) -> (u64, f64) {
         .trim()
         .parse()
         .unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    (rss_kib, ticks / 100.0)
+    let mut cpu_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            cpu_ns += text
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (rss_kib, cpu_ns as f64 / 1e9)
+}
+
+/// How many times the relay measurements fetch the 3 MiB message
+/// (`MG_E2E_RELAY_ROUNDS`, default 30: about 100 MB).
+fn relay_rounds() -> usize {
+    std::env::var("MG_E2E_RELAY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
 }
 
 struct Gateway {
     child: Child,
     imaps: std::net::SocketAddr,
     pop3s: std::net::SocketAddr,
+    http_port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Gateway {
     fn start(accounts: &[Account]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let http_port = support::free_port();
         let options = Options {
             limits: "max_pre_login_per_ip = 4096".into(),
+            http_port: Some(http_port),
             ..Options::default()
         };
         let config = dir.path().join("mailgate.toml");
@@ -82,11 +104,12 @@ impl Gateway {
                 .filter(|l| l.contains(" listening address="))
                 .filter_map(|l| l.split("address=").nth(1)?.split(' ').next()?.parse().ok())
                 .collect();
-            if addresses.len() == 4 {
+            if addresses.len() >= 5 {
                 return Self {
                     child,
                     imaps: addresses[0],
                     pop3s: addresses[2],
+                    http_port,
                     _dir: dir,
                 };
             }
@@ -102,6 +125,24 @@ impl Gateway {
 
     fn stat(&self) -> (u64, f64) {
         proc_stat(self.child.id())
+    }
+
+    /// The mean of a histogram from /metrics, in milliseconds.
+    async fn mean_ms(&self, histogram: &str, protocol: &str) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |suffix: &str| -> f64 {
+            let key = format!("{histogram}_{suffix}{{protocol=\"{protocol}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        value("sum") / value("count") * 1e3
     }
 }
 
@@ -184,7 +225,8 @@ async fn retr_throughput(
             c.send(format!("USER {}\r\nPASS {}\r\n", account.name, account.password).as_bytes())
                 .await;
             c.line().await;
-            assert!(c.line().await.starts_with("+OK"));
+            let reply = c.line().await;
+            assert!(reply.starts_with("+OK"), "{reply}");
         }
         None => {
             let raw = format!("user={}\x01auth=Bearer {token}\x01\x01", account.mailbox);
@@ -214,7 +256,11 @@ async fn retr_throughput(
             bytes += line.len() + 2;
         }
     }
-    bytes as f64 / 1e6 / started.elapsed().as_secs_f64()
+    let rate = bytes as f64 / 1e6 / started.elapsed().as_secs_f64();
+    // QUIT, so that the mailbox lock is gone before the next session.
+    c.send(b"QUIT\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    rate
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -274,11 +320,14 @@ fn main() {
 async fn run() {
     mailgate::tls::install_default_provider();
     let h = harness();
-    h.seed("bench@example.test");
-    let grant = h.authorize(support::CLIENT, "bench@example.test");
+    // A fresh mailbox per run: re-seeding one that Dovecot has indexed
+    // renumbers its messages.
+    let mailbox = format!("bench{}@example.test", std::process::id());
+    h.seed(&mailbox);
+    let grant = h.authorize(support::CLIENT, &mailbox);
     let account = Account {
         refresh_token: Some(grant.refresh_token.clone()),
-        ..Account::authorized_without_grant("bench", "bench@example.test")
+        ..Account::authorized_without_grant("bench", &mailbox)
     };
     let token = grant.access_token.clone();
     let gateway = Arc::new(Gateway::start(std::slice::from_ref(&account)));
@@ -289,15 +338,16 @@ async fn run() {
     drop(c);
 
     // Relay throughput and CPU per GB.
+    let rounds = relay_rounds();
     let (c, _) = imap_login(None, &account, &token).await;
-    let (direct_fetch, _) = fetch_throughput(c, 10).await;
+    let (direct_fetch, _) = fetch_throughput(c, rounds).await;
     let (c, _) = imap_login(Some(&gateway), &account, &token).await;
     let (_, cpu_before) = gateway.stat();
-    let (via_fetch, bytes) = fetch_throughput(c, 10).await;
+    let (via_fetch, bytes) = fetch_throughput(c, rounds).await;
     let (_, cpu_after) = gateway.stat();
     report(
         &mut results,
-        "imap FETCH 3 MiB x10 throughput",
+        &format!("imap FETCH 3 MiB x{rounds} throughput"),
         direct_fetch,
         via_fetch,
         "MB/s",
@@ -308,11 +358,11 @@ async fn run() {
         "mailgate relay cost"
     );
     results.insert("cpu_seconds_per_gb".into(), serde_json::json!(cpu_per_gb));
-    let direct_retr = retr_throughput(None, &account, &token, 10).await;
-    let via_retr = retr_throughput(Some(&gateway), &account, &token, 10).await;
+    let direct_retr = retr_throughput(None, &account, &token, rounds).await;
+    let via_retr = retr_throughput(Some(&gateway), &account, &token, rounds).await;
     report(
         &mut results,
-        "pop3 RETR 3 MiB x10 throughput",
+        &format!("pop3 RETR 3 MiB x{rounds} throughput"),
         direct_retr,
         via_retr,
         "MB/s",
@@ -336,6 +386,16 @@ async fn run() {
             "ms",
         );
         results.insert(format!("login_added_ms_{name}"), serde_json::json!(v - d));
+    }
+
+    // Where a login through mailgate spends its time upstream.
+    for (histogram, name) in [
+        ("mailgate_upstream_connect_seconds", "upstream_connect"),
+        ("mailgate_upstream_login_seconds", "upstream_login"),
+    ] {
+        let ms = gateway.mean_ms(histogram, "imap").await;
+        println!("{:<40} {ms:.2} ms mean", format!("mailgate {name} (imap)"));
+        results.insert(format!("{name}_ms_mean"), serde_json::json!(ms));
     }
 
     // Logins per second.

@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, Instrument as _};
 
-use super::stream::{ClientStream, Stream};
+use super::relay::{self, Activity, Counts};
+use super::stream::{ClientStream, ReadAhead, Stream, TlsTcp};
 use super::upstream::LoggedIn;
 use super::Gateway;
 use crate::config::{ListenerTls, Protocol};
@@ -291,10 +292,10 @@ impl Connection<'_> {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Closed> {
+    ) -> Result<tokio_rustls::server::TlsStream<TlsTcp>, Closed> {
         match timeout(
             self.gateway.limits().tls_handshake_timeout,
-            self.gateway.acceptor().accept(tcp),
+            self.gateway.acceptor().accept(ReadAhead::new(tcp)),
         )
         .await
         {
@@ -349,94 +350,30 @@ async fn relay(
         upstream.write_all(to_upstream).await?;
         upstream.flush().await?;
     }
-    // Count what each side sends as it is read, so that a session that
-    // ends in an error (a client dropping without close_notify) is counted,
-    // and note when anything last moved, for the idle timeout.
-    let epoch = Instant::now();
-    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut client = Counted {
-        inner: client,
-        read: 0,
-        epoch,
-        activity: activity.clone(),
-    };
-    let mut upstream = Counted {
-        inner: upstream,
-        read: 0,
-        epoch,
-        activity: activity.clone(),
-    };
+    // The counts are kept as bytes are read, so that a session that ends
+    // in an error (a client dropping without close_notify) is counted.
+    let activity = Activity::new();
+    let mut counts = Counts::default();
     let error = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.err().map(|e| e.to_string()),
-        () = idle_timeout(epoch, &activity, idle) => Some("idle timeout".to_owned()),
+        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts) => result.err().map(|e| e.to_string()),
+        () = idle_timeout(&activity, idle) => Some("idle timeout".to_owned()),
     };
     Ok(Relayed {
         account,
-        from_client: client.read + to_upstream.len() as u64,
-        from_upstream: upstream.read + to_client.len() as u64,
+        from_client: counts.from_client + to_upstream.len() as u64,
+        from_upstream: counts.from_upstream + to_client.len() as u64,
         error,
     })
 }
 
 /// Returns once nothing has been read either way for `idle`. Traffic
 /// resets it; it doesn't cap the session's length.
-async fn idle_timeout(epoch: Instant, activity: &std::sync::atomic::AtomicU64, idle: Duration) {
+async fn idle_timeout(activity: &Activity, idle: Duration) {
     loop {
-        let last =
-            epoch + Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
-        let deadline = last + idle;
+        let deadline = activity.last() + idle;
         if Instant::now() >= deadline {
             return;
         }
         tokio::time::sleep_until(deadline).await;
-    }
-}
-
-/// A stream that counts the bytes read from it and notes when.
-struct Counted<S> {
-    inner: S,
-    read: u64,
-    epoch: Instant,
-    activity: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.read += n;
-            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.activity
-                .store(ms, std::sync::atomic::Ordering::Relaxed);
-        }
-        poll
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -4,6 +4,7 @@
 pub mod admission;
 mod connection;
 pub mod probe;
+pub mod relay;
 mod stream;
 pub mod upstream;
 

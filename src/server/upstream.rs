@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::stream::{Stream, UpstreamStream};
+use super::stream::{ReadAhead, Stream, UpstreamStream};
 use crate::config::UpstreamServer;
 use crate::proto::{UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls};
 
@@ -80,7 +80,7 @@ pub async fn connect(
     let stream = match server.tls {
         UpstreamTls::Implicit => Stream::Tls(Box::new(
             connector
-                .connect(name.clone(), tcp)
+                .connect(name.clone(), ReadAhead::new(tcp))
                 .await
                 .map_err(|e| UpstreamError::Tls(address.clone(), e))?,
         )),
@@ -124,7 +124,7 @@ pub async fn login<L: UpstreamLogin>(
                         .into_plain()
                         .ok_or_else(|| UpstreamError::Protocol("STARTTLS twice".into()))?;
                     let tls = connector
-                        .connect(name.clone(), tcp)
+                        .connect(name.clone(), ReadAhead::new(tcp))
                         .await
                         .map_err(|e| UpstreamError::Tls(address.clone(), e))?;
                     stream = Stream::Tls(Box::new(tls));

@@ -1,0 +1,345 @@
+//! The relay after login: bytes both ways, unchanged, until either side
+//! closes.
+//!
+//! Why not `tokio::io::copy_bidirectional`: it gives each direction a
+//! fixed buffer (8 KiB) for the whole session. Small buffers mean a TLS
+//! record and a `writev` per 8 KiB, and the system calls and wake-ups
+//! dominate the relay's CPU; big ones would cost every idle session their
+//! size. Here each direction reads into a per-thread scratch buffer of
+//! [`SCRATCH`] bytes, as much as is ready, and writes it on at once. Only
+//! bytes the writer can't take yet are copied into a buffer of the
+//! session's own, which is freed as soon as it drains: an idle session
+//! holds no relay buffer at all.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// The most one read-then-write pass moves: four full TLS records.
+pub const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// One direction of the relay.
+#[derive(Default)]
+struct Direction {
+    /// Bytes read but not yet accepted by the writer; empty and
+    /// unallocated whenever the writer keeps up.
+    pending: Vec<u8>,
+    written: usize,
+    /// The reader reached end of file; shut the writer down once drained.
+    eof: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// Bytes read from this direction's reader.
+    count: u64,
+}
+
+impl Direction {
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down and
+    /// returns `Ready(Ok)`), an error, or neither side can go on.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        activity: &Activity,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            while self.written < self.pending.len() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.unflushed = true;
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                return Pin::new(&mut *w).poll_shutdown(cx);
+            }
+            let step = SCRATCH_BUFFER.with(|scratch| {
+                // A relay never polls another relay from inside its own
+                // poll, so the scratch buffer is never borrowed twice; if it
+                // were, a fresh buffer keeps this correct.
+                match scratch.try_borrow_mut() {
+                    Ok(mut buffer) => self.pass(cx, r, w, &mut buffer, activity),
+                    Err(_) => self.pass(cx, r, w, &mut vec![0; SCRATCH], activity),
+                }
+            });
+            match step {
+                Step::Again => {}
+                Step::Blocked => {
+                    if self.unflushed {
+                        match Pin::new(&mut *w).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.unflushed = false,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+                Step::Failed(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Reads all that is ready (up to the scratch size), then writes it.
+    fn pass<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        scratch: &mut [u8],
+        activity: &Activity,
+    ) -> Step
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = ReadBuf::new(scratch);
+        let mut blocked = false;
+        while buf.remaining() > 0 {
+            let before = buf.filled().len();
+            match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    self.eof = true;
+                    break;
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) if before == 0 => return Step::Failed(e),
+                // Send what came before the error; the error comes back
+                // at the next read.
+                Poll::Ready(Err(_)) => break,
+                Poll::Pending => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        let data = buf.filled();
+        if !data.is_empty() {
+            self.count += data.len() as u64;
+            activity.touch();
+        }
+        let mut off = 0;
+        while off < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => return Step::Failed(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Step::Failed(e),
+                Poll::Pending => {
+                    // The writer's waker is set; keep the rest.
+                    self.pending = data[off..].to_vec();
+                    self.written = 0;
+                    return Step::Blocked;
+                }
+            }
+        }
+        if blocked && !self.eof {
+            Step::Blocked
+        } else {
+            Step::Again
+        }
+    }
+}
+
+enum Step {
+    /// Go round again: more may be ready, or the reader ended.
+    Again,
+    /// Waiting for the reader or the writer; a waker is set.
+    Blocked,
+    Failed(io::Error),
+}
+
+/// When anything last moved, in milliseconds since `epoch`.
+pub struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When anything last moved.
+    pub fn last(&self) -> Instant {
+        self.epoch + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Bytes read from each side by [`relay`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub from_client: u64,
+    pub from_upstream: u64,
+}
+
+/// Copies both ways until both sides have ended, or either fails. `counts`
+/// holds what was read so far even when this fails or is dropped
+/// half-way, so that a session cut short is still counted.
+///
+/// # Errors
+/// The first I/O error of either side.
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    activity: &Activity,
+    counts: &mut Counts,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let (mut up_done, mut down_done) = (false, false);
+    let result = poll_fn(|cx| {
+        if !up_done {
+            match up.poll(cx, client, upstream, activity) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !down_done {
+            match down.poll(cx, upstream, client, activity) {
+                Poll::Ready(Ok(())) => down_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        counts.from_client = up.count;
+        counts.from_upstream = down.count;
+        if up_done && down_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    counts.from_client = up.count;
+    counts.from_upstream = down.count;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn pattern(len: u32, step: u32) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i.wrapping_mul(step) % 251) as u8)
+            .collect()
+    }
+
+    /// Both far ends write and read at once through small pipes, so that
+    /// the relay's writes block and leftovers must be kept.
+    #[tokio::test]
+    async fn relays_every_byte_both_ways_through_slow_writers_and_counts_them() {
+        let (client_far, mut client) = tokio::io::duplex(1000);
+        let (mut upstream, upstream_far) = tokio::io::duplex(777);
+        let (mut client_r, mut client_w) = tokio::io::split(client_far);
+        let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream_far);
+        let down = pattern(1_000_000, 7);
+        let up = pattern(300_000, 13);
+        let activity = Activity::new();
+        let mut counts = Counts::default();
+        let (relayed, (), (), got_down, got_up) = tokio::join!(
+            relay(&mut client, &mut upstream, &activity, &mut counts),
+            async {
+                upstream_w.write_all(&down).await.unwrap();
+                upstream_w.shutdown().await.unwrap();
+            },
+            async {
+                client_w.write_all(&up).await.unwrap();
+                client_w.shutdown().await.unwrap();
+            },
+            async {
+                let mut v = Vec::new();
+                client_r.read_to_end(&mut v).await.unwrap();
+                v
+            },
+            async {
+                let mut v = Vec::new();
+                upstream_r.read_to_end(&mut v).await.unwrap();
+                v
+            },
+        );
+        relayed.unwrap();
+        assert!(got_down == down, "downstream bytes differ");
+        assert!(got_up == up, "upstream bytes differ");
+        assert_eq!(
+            counts,
+            Counts {
+                from_client: up.len() as u64,
+                from_upstream: down.len() as u64
+            }
+        );
+    }
+
+    /// What the writer can't take is kept, and freed once it drains.
+    #[tokio::test]
+    async fn leftovers_are_kept_while_the_writer_lags_and_freed_once_drained() {
+        let (mut reader_far, mut reader) = tokio::io::duplex(2 * SCRATCH);
+        let (mut writer, mut writer_far) = tokio::io::duplex(100);
+        let data = pattern(5000, 3);
+        reader_far.write_all(&data).await.unwrap();
+        let activity = Activity::new();
+        let mut direction = Direction::default();
+        let first =
+            poll_fn(|cx| Poll::Ready(direction.poll(cx, &mut reader, &mut writer, &activity)))
+                .await;
+        assert!(first.is_pending());
+        assert_eq!(direction.pending.len() - direction.written, 4900);
+
+        let pump = poll_fn(
+            |cx| match direction.poll(cx, &mut reader, &mut writer, &activity) {
+                Poll::Pending if direction.count == 5000 && direction.pending.capacity() == 0 => {
+                    Poll::Ready(())
+                }
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => panic!("the relay ended: {r:?}"),
+            },
+        );
+        let mut got = vec![0; 5000];
+        let ((), read) = tokio::join!(pump, writer_far.read_exact(&mut got));
+        read.unwrap();
+        assert!(got == data);
+    }
+}
