@@ -487,3 +487,23 @@ fn the_store_key_comes_from_the_environment_or_a_key_file() {
         mailgate::oauth::KeySource::File("/tmp/mg/token.key".into())
     );
 }
+
+#[test]
+fn behind_a_reverse_proxy_loopback_peers_need_the_admin_password() {
+    let http = |extra: &str| {
+        parse(&base(&format!(
+            "[http]\naddress = \"127.0.0.1:8080\"\ntls = \"plaintext\"\n{extra}"
+        )))
+        .unwrap()
+        .http
+        .unwrap()
+    };
+    // Loopback only, browsed on this host: loopback is trusted.
+    assert!(!http("").admin_password_on_loopback);
+    // Plain HTTP on loopback with a public https URL: a proxy is in front.
+    assert!(http("public_url = \"https://mail-gw.example.com\"").admin_password_on_loopback);
+    assert!(
+        !http("public_url = \"https://mail-gw.example.com\"\nadmin_password_on_loopback = false")
+            .admin_password_on_loopback
+    );
+}

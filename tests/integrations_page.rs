@@ -191,13 +191,17 @@ async fn the_page_checks_host_csrf_and_the_admin_password_and_sends_security_hea
         csp.starts_with("default-src 'none'; script-src 'self'; style-src 'self'"),
         "{csp}"
     );
+    let form_action = csp
+        .split("; ")
+        .find(|d| d.starts_with("form-action 'self' "))
+        .unwrap_or_else(|| panic!("{csp}"));
+    // The provider's authorization endpoint, and the public URL where
+    // the redirect chain ends.
     assert!(
-        csp.contains(&format!(
-            "form-action 'self' {}",
-            url_origin(&harness().oauth_auth_url)
-        )),
+        form_action.contains(&url_origin(&harness().oauth_auth_url)),
         "{csp}"
     );
+    assert!(form_action.contains(&base), "{csp}");
     let page = response.text().await.unwrap();
     assert!(
         !page.contains(CLIENT.secret),
@@ -205,6 +209,32 @@ async fn the_page_checks_host_csrf_and_the_admin_password_and_sends_security_hea
     );
     assert!(page.contains("set (write-only)"));
     let csrf = csrf_of(&page);
+
+    // A request a reverse proxy forwarded isn't local, though it comes
+    // from loopback: without an admin password it is refused.
+    let response = http
+        .get(format!("{base}/"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    // A crafted link to the redirect URL can't put its own words on this
+    // origin: the provider's text is shown only for a flow started here.
+    let at = page.find("data-copy=\"").unwrap() + 11;
+    let redirect = page[at..].split('"').next().unwrap().to_owned();
+    let response = http
+        .get(format!(
+            "{redirect}?error=access_denied&error_description=Call+0800+EVIL&state=forged"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("EVIL"), "{text}");
+    assert!(text.contains("No authorization is waiting"), "{text}");
 
     // A DNS-rebinding page would arrive with its own Host: refused.
     let response = http

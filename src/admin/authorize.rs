@@ -84,7 +84,30 @@ impl PendingStore {
     /// # Errors
     /// When the store can't be written.
     pub fn save(&self, state: &Secret<String>, pending: &Pending) -> Result<(), TokenError> {
+        self.sweep();
         self.write(state.expose(), pending)
+    }
+
+    /// Removes flows older than their lifetime: abandoned in the browser,
+    /// or finished by a process that didn't clean up.
+    fn sweep(&self) {
+        let Some(dir) = self.store.path("pending-x").parent().map(PathBuf::from) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let lifetime = std::time::Duration::from_secs(PENDING_LIFETIME_S);
+        for entry in entries.flatten() {
+            let stale = entry.file_name().to_string_lossy().starts_with("pending-")
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > lifetime));
+            if stale {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn write(&self, state: &str, pending: &Pending) -> Result<(), TokenError> {
@@ -169,13 +192,16 @@ pub async fn finish(
         None => None,
     };
     if let Some(error) = error {
+        // The provider's words are shown only for a flow started here: a
+        // crafted link must not put its own text on this origin.
+        let (Some(state), Some(p)) = (state, pending.filter(|p| p.outcome.is_none())) else {
+            return Err(CallbackError::UnknownState);
+        };
         let why = match error_description {
             Some(d) => format!("{error} ({d}): {}", explain(error)),
             None => format!("{error}: {}", explain(error)),
         };
-        if let (Some(state), Some(p)) = (state, pending) {
-            pending_store.finish(state, p, Err(format!("the provider refused: {why}")));
-        }
+        pending_store.finish(state, p, Err(format!("the provider refused: {why}")));
         return Err(CallbackError::Provider(why));
     }
     let (Some(code), Some(state)) = (code, state) else {

@@ -122,7 +122,17 @@ pub async fn serve(
     handshake_timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
+        // Take a slot before accepting, so that over the cap new
+        // connections wait in the kernel's backlog, holding no descriptor.
+        let permit = tokio::select! {
+            _ = shutdown.changed() => return,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
@@ -141,6 +151,7 @@ pub async fn serve(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let result = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -158,6 +169,15 @@ pub async fn serve(
     }
 }
 
+/// How long a client may take to send a request's headers (a slow-loris
+/// guard); idle keep-alive connections are closed after it too.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most HTTP connections served at once: the page, the callback and
+/// scrapes need a handful, and file descriptors are shared with the mail
+/// listeners.
+pub const MAX_HTTP_CONNECTIONS: usize = 256;
+
 /// Serves one connection; at shutdown, finishes the request in flight and
 /// closes, so that no keep-alive connection outlives the listener.
 async fn serve_connection<S>(
@@ -169,6 +189,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(connection);
     tokio::select! {
@@ -222,13 +244,21 @@ async fn callback(
              (mailgate redirect-url INTEGRATION) at the provider.",
         );
     };
-    // A flow started from the integrations page returns there.
-    let from_page = q
+    // A flow started from the integrations page returns there. A replayed
+    // callback of a flow that already ended only goes back to the page.
+    let started = q
         .state
         .as_deref()
         .and_then(|state| s.pending.load(state).ok().flatten())
-        .filter(|p| p.from_page)
-        .map(|p| p.account);
+        .filter(|p| p.from_page);
+    if let Some(p) = started.as_ref().filter(|p| p.outcome.is_some()) {
+        return page::see_other(&format!(
+            "{}#account-{}",
+            page::page_path(&services.config),
+            p.account
+        ));
+    }
+    let from_page = started.map(|p| p.account);
     let outcome = authorize::finish(
         &s.pending,
         &services,
@@ -240,6 +270,9 @@ async fn callback(
     )
     .await;
     if let Some(account) = from_page {
+        if let Some(state) = q.state.as_deref() {
+            s.pending.remove(state);
+        }
         s.page
             .authorization_ended(&account, outcome.map(|_| ()).map_err(|e| e.to_string()));
         return page::see_other(&format!(

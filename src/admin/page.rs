@@ -34,6 +34,7 @@ use super::{escape as e, secure, AdminState};
 use crate::account::{verify_hash, Remembered};
 use crate::config::{Account, AdminCredential, Config, Grant, HttpSettings, Integration};
 use crate::oauth::{format_relative, format_time, grant, unix_now, Record};
+use crate::secret::Secret;
 use crate::server::probe::{self, Step};
 use crate::services::Services;
 
@@ -124,7 +125,7 @@ async fn admit(s: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<
             "Open the page at the gateway's own address (its public URL, localhost or an IP address).",
         ));
     }
-    let admin = match access(peer, http) {
+    let admin = match access(peer, http, headers) {
         Access::Open => return Ok(()),
         Access::Refused => {
             return Err(refuse(
@@ -138,18 +139,32 @@ async fn admit(s: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<
     };
     if let Some((user, password)) = basic_credentials(headers) {
         let hash = admin.password_hash.expose();
-        if user == admin.username && s.page.admin.contains(&user, password.as_bytes(), hash) {
+        let password = password.expose().as_bytes();
+        if user == admin.username && s.page.admin.contains(&user, password, hash) {
             return Ok(());
         }
-        let (hash_owned, password_owned) = (hash.clone(), password.clone());
-        let _permit = s.page.verifications.acquire().await;
-        let verified = tokio::task::spawn_blocking(move || {
-            verify_hash(&hash_owned, password_owned.as_bytes())
-        })
-        .await
-        .unwrap_or(false);
+        // One verification at a time, and no waiting in line for long:
+        // bad guesses must not lock the admin out.
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            s.page.verifications.acquire(),
+        )
+        .await;
+        let Ok(Ok(permit)) = permit else {
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                "Too many sign-in attempts at once; try again in a moment.",
+            ));
+        };
+        let (hash_owned, password_owned) = (hash.clone(), password.to_vec());
+        let verified =
+            tokio::task::spawn_blocking(move || verify_hash(&hash_owned, &password_owned))
+                .await
+                .unwrap_or(false);
+        drop(permit);
         if verified && user == admin.username {
-            s.page.admin.insert(&user, password.as_bytes(), hash);
+            s.page.admin.insert(&user, password, hash);
             return Ok(());
         }
         let user: String = user.chars().take(64).collect();
@@ -179,8 +194,12 @@ enum Access<'a> {
 /// Loopback peers are let in, unless the config asks them for the password
 /// too; other peers need the password, and without one configured they
 /// are refused.
-fn access(peer: SocketAddr, http: &HttpSettings) -> Access<'_> {
-    let loopback = peer.ip().to_canonical().is_loopback();
+fn access<'a>(peer: SocketAddr, http: &'a HttpSettings, headers: &HeaderMap) -> Access<'a> {
+    // A request a proxy forwarded comes from loopback but isn't local.
+    let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h));
+    let loopback = peer.ip().to_canonical().is_loopback() && !forwarded;
     match &http.admin {
         _ if loopback && !http.admin_password_on_loopback => Access::Open,
         Some(admin) => Access::Password(admin),
@@ -194,22 +213,36 @@ fn host_is_ours(headers: &HeaderMap, public_host: Option<&str>) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
         return false;
     };
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    // host = name [ ":" port ] / "[" v6 "]" [ ":" port ]
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, "")) => (v6, None),
+            Some((v6, after)) => match after.strip_prefix(':') {
+                Some(port) => (v6, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
     };
-    let name = name.trim_end_matches('.');
-    name.parse::<std::net::IpAddr>().is_ok()
-        || name.eq_ignore_ascii_case("localhost")
-        || public_host.is_some_and(|p| {
-            p.trim_start_matches('[')
-                .trim_end_matches(']')
-                .eq_ignore_ascii_case(name)
-        })
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let name = name.strip_suffix('.').unwrap_or(name);
+    port_ok
+        && !name.is_empty()
+        && (name.parse::<std::net::IpAddr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || public_host.is_some_and(|p| {
+                p.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .eq_ignore_ascii_case(name)
+            }))
 }
 
 /// The user and password of an `Authorization: Basic` header.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, Secret<String>)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -218,9 +251,9 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, password) = text.split_once(':')?;
-    Some((user.to_owned(), password.to_owned()))
+    let text = Secret::new(String::from_utf8(decoded).ok()?);
+    let (user, password) = text.expose().split_once(':')?;
+    Some((user.to_owned(), Secret::new(password.to_owned())))
 }
 
 /// Checks an action's CSRF token and that it came from a same-origin page;
@@ -724,6 +757,10 @@ fn csp(config: &Config) -> String {
         .values()
         .map(|i| i.authorization_endpoint.origin().ascii_serialization())
         .collect();
+    // The callback, at the public URL, ends the redirect chain.
+    if let Some(http) = &config.http {
+        origins.push(http.public_url.origin().ascii_serialization());
+    }
     origins.sort();
     origins.dedup();
     format!(
@@ -765,18 +802,23 @@ mod tests {
         let loopback: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
         let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        assert_eq!(access(loopback, &http), Access::Open);
-        assert_eq!(access(mapped, &http), Access::Open);
-        assert_eq!(access(remote, &http), Access::Refused);
+        let none = HeaderMap::new();
+        assert_eq!(access(loopback, &http, &none), Access::Open);
+        assert_eq!(access(mapped, &http, &none), Access::Open);
+        assert_eq!(access(remote, &http, &none), Access::Refused);
+        let mut proxied = HeaderMap::new();
+        proxied.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        assert_eq!(access(loopback, &http, &proxied), Access::Refused);
         let admin = AdminCredential {
             username: "admin".into(),
             password_hash: crate::secret::Secret::new("$argon2id$...".into()),
         };
         http.admin = Some(admin.clone());
-        assert_eq!(access(loopback, &http), Access::Open);
-        assert_eq!(access(remote, &http), Access::Password(&admin));
+        assert_eq!(access(loopback, &http, &none), Access::Open);
+        assert_eq!(access(remote, &http, &none), Access::Password(&admin));
+        assert_eq!(access(loopback, &http, &proxied), Access::Password(&admin));
         http.admin_password_on_loopback = true;
-        assert_eq!(access(loopback, &http), Access::Password(&admin));
+        assert_eq!(access(loopback, &http, &none), Access::Password(&admin));
     }
 
     #[test]
@@ -789,6 +831,7 @@ mod tests {
             "[::1]:8080",
             "localhost:1234",
             "10.0.0.5",
+            "mail.example.com.",
         ] {
             assert!(host_is_ours(&headers(ok), public), "{ok}");
         }
@@ -810,10 +853,14 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Basic YWRtaW46cDpzcw=="), // admin:p:ss
         );
-        assert_eq!(basic_credentials(&h), Some(("admin".into(), "p:ss".into())));
+        let (user, password) = basic_credentials(&h).unwrap();
+        assert_eq!(
+            (user.as_str(), password.expose().as_str()),
+            ("admin", "p:ss")
+        );
         for junk in ["Bearer abc", "Basic !!!", "Basic", "Basic YWRtaW4="] {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(junk));
-            assert_eq!(basic_credentials(&h), None, "{junk}");
+            assert!(basic_credentials(&h).is_none(), "{junk}");
         }
     }
 

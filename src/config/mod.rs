@@ -651,8 +651,12 @@ fn http_settings(h: raw::Http) -> Result<HttpSettings, ConfigError> {
         }
         None => None,
     };
-    let admin_password_on_loopback = h.admin_password_on_loopback.unwrap_or(false);
-    if admin_password_on_loopback && admin.is_none() {
+    // Plain HTTP on loopback with a public URL elsewhere means a reverse
+    // proxy in front: every request then comes from loopback, so loopback
+    // can't be trusted by default.
+    let behind_proxy = tls == HttpTls::Plaintext && !is_loopback_host(&public_url);
+    let admin_password_on_loopback = h.admin_password_on_loopback.unwrap_or(behind_proxy);
+    if h.admin_password_on_loopback == Some(true) && admin.is_none() {
         return Err(invalid(
             "http.admin_password_hash",
             "admin_password_on_loopback needs an admin_password_hash",
