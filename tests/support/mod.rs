@@ -533,7 +533,12 @@ pub fn store(state_dir: &Path) -> mailgate::oauth::TokenStore {
 
 /// A rustls client config trusting the harness CA.
 pub fn client_tls() -> Arc<rustls::ClientConfig> {
-    mailgate::tls::client(Some(&harness().ca_file)).expect("client tls")
+    // Built once: a config per connection would parse the root store for
+    // every handshake (and make the benchmark measure that).
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| mailgate::tls::client(Some(&harness().ca_file)).expect("client tls"))
+        .clone()
 }
 
 type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
