@@ -44,6 +44,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The metrics, as `/metrics` renders them.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Stops accepting, says goodbye to sessions that haven't logged in,
     /// and waits up to `grace` for relayed sessions to finish. Returns
     /// whether every session ended in time.

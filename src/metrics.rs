@@ -22,6 +22,7 @@ pub struct Metrics {
     pub needs_authorization: IntGaugeVec,
     pub relayed_bytes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub upstream_spares: IntCounterVec,
     pub client_secret_expiry_seconds: IntGaugeVec,
 }
 
@@ -149,6 +150,11 @@ impl Metrics {
                 "mailgate_tls_handshake_failures_total",
                 "Client TLS handshakes that failed or timed out.",
                 &["protocol"],
+            )?,
+            upstream_spares: counter(
+                "mailgate_upstream_spares_total",
+                "Spare upstream connections taken by a login: used, or stale (closed by the upstream; dialled afresh).",
+                &["outcome"],
             )?,
             client_secret_expiry_seconds: gauge(
                 "mailgate_client_secret_expiry_seconds",

@@ -9,6 +9,7 @@ use crate::account::Accounts;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oauth::Tokens;
+use crate::server::spare::Spares;
 use crate::tls::Connectors;
 
 /// One generation of the reloadable services.
@@ -17,6 +18,8 @@ pub struct Services {
     pub accounts: Arc<Accounts>,
     pub tokens: Arc<Tokens>,
     pub connectors: Connectors,
+    /// Spare upstream connections for the next login.
+    pub spares: Arc<Spares>,
 }
 
 /// Why services could not be built from a config.
@@ -40,6 +43,7 @@ impl Services {
             .map_err(|e| BuildError(format!("token store: {e}")))?;
         let accounts = Accounts::new(&config).map_err(|e| BuildError(format!("accounts: {e}")))?;
         Ok(Self {
+            spares: Spares::new(config.limits.upstream_spare_for),
             config,
             accounts: Arc::new(accounts),
             tokens: Arc::new(tokens),

@@ -181,9 +181,14 @@ async fn ten_thousand_wrong_passwords() {
     );
     let after = login_from(gateway.imaps, "127.0.0.2", &account).await;
     assert!(after.starts_with("a OK"), "after the attack: {after}");
-    // Only the two real logins reached the upstream, and one token request
-    // served them.
-    assert_eq!(imap_connections.load(SeqCst), 2, "upstream connections");
+    // Only the two real logins reached the upstream (each leaves one spare
+    // connection for the next: two or three connections in all), and one
+    // token request served them.
+    let upstream = imap_connections.load(SeqCst);
+    assert!(
+        (2..=3).contains(&upstream),
+        "upstream connections: {upstream}"
+    );
     assert_eq!(
         token_connections.load(SeqCst),
         1,

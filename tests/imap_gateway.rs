@@ -822,3 +822,105 @@ async fn idle_relayed_sessions_are_closed_and_traffic_resets_the_timer() {
     assert_eq!(closed, "", "expected the connection to close");
     gateway.stop().await;
 }
+
+/// A TCP proxy to `target` that counts connections and can cut every
+/// connection it carries, as an upstream closing idle connections would.
+async fn cutting_proxy(
+    target: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::watch::Sender<u32>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (cut, cuts) = tokio::sync::watch::channel(0u32);
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut cuts = cuts.clone();
+            cuts.mark_unchanged();
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut up) => {}
+                        _ = cuts.changed() => {}
+                    }
+                }
+            });
+        }
+    });
+    (address, count, cut)
+}
+
+/// A login leaves a spare upstream connection (TCP and TLS done) for the
+/// next login to the same server; a spare the upstream closed meanwhile is
+/// noticed, and the login dials afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_use_spare_upstream_connections_and_survive_stale_ones() {
+    let h = harness();
+    h.seed("spare@example.test");
+    let (proxy, connections, cut) =
+        cutting_proxy(format!("127.0.0.1:{}", h.imaps_port).parse().unwrap()).await;
+    let account = Account {
+        upstream: (proxy.to_string(), "implicit"),
+        ..Account::authorized("spare", "spare@example.test")
+    };
+    let gateway = Gateway::start(&[account.clone()]).await;
+    let used = "mailgate_upstream_spares_total{outcome=\"used\"}";
+    let stale = "mailgate_upstream_spares_total{outcome=\"stale\"}";
+    let dialled = "mailgate_upstream_connect_seconds_count{protocol=\"imap\"}";
+    for _ in 0..5 {
+        let reply = login_ok(&gateway, &account).await;
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+        // Pacing, not a timing assertion: the spare is dialled in the
+        // background after each login.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The first login dialled; the next four took spares.
+    assert_eq!(gateway.metric(dialled), 1.0);
+    assert_eq!(gateway.metric(used), 4.0);
+    // One spare waits now: one connection more than logins.
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 6);
+
+    // The upstream drops the waiting spare: the login still works.
+    cut.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = login_ok(&gateway, &account).await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    assert_eq!(gateway.metric(stale), 1.0);
+    assert_eq!(gateway.metric(dialled), 2.0);
+    gateway.stop().await;
+}
+
+/// With `upstream_spare_for = "0s"`, no spare is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_can_be_turned_off() {
+    let h = harness();
+    h.seed("nospare@example.test");
+    let (proxy, connections, _cut) =
+        cutting_proxy(format!("127.0.0.1:{}", h.imaps_port).parse().unwrap()).await;
+    let account = Account {
+        upstream: (proxy.to_string(), "implicit"),
+        ..Account::authorized("nospare", "nospare@example.test")
+    };
+    let options = support::Options {
+        limits: "upstream_spare_for = \"0s\"".into(),
+        ..support::Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    for _ in 0..3 {
+        let reply = login_ok(&gateway, &account).await;
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        gateway.metric("mailgate_upstream_spares_total{outcome=\"used\"}"),
+        0.0
+    );
+    gateway.stop().await;
+}

@@ -105,6 +105,9 @@ pub struct Limits {
     pub imap_idle_timeout: Duration,
     /// The same for POP3 (RFC 1939 §3: at least 10 minutes).
     pub pop3_idle_timeout: Duration,
+    /// How long a spare upstream connection, dialled after a login for the
+    /// next one, is kept; zero: no spares.
+    pub upstream_spare_for: Duration,
 }
 
 /// 32 half-open logins from one address is more than any poller needs,
@@ -117,6 +120,9 @@ pub const DEFAULT_LOGIN_FAILURE_MAX_DELAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_IMAP_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// RFC 1939 §3's minimum autologout time.
 pub const DEFAULT_POP3_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Long enough for a poller's next login in a burst; short enough that no
+/// server closes a connection that hasn't logged in (Dovecot allows 3 min).
+pub const DEFAULT_UPSTREAM_SPARE_FOR: Duration = Duration::from_secs(10);
 
 /// Default connection cap: 20,000 sessions (two sockets each) fit in a
 /// few hundred MiB and a raised file-descriptor limit.
@@ -463,6 +469,12 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             l.pop3_idle_timeout,
             DEFAULT_POP3_IDLE_TIMEOUT,
             true,
+        )?,
+        upstream_spare_for: bounded(
+            "limits.upstream_spare_for",
+            l.upstream_spare_for,
+            DEFAULT_UPSTREAM_SPARE_FOR,
+            false,
         )?,
     };
     let oauth = OAuthSettings {

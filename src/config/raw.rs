@@ -121,6 +121,8 @@ pub struct Limits {
     pub imap_idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub pop3_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub upstream_spare_for: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

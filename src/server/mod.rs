@@ -5,6 +5,7 @@ pub mod admission;
 mod connection;
 pub mod probe;
 pub mod relay;
+pub mod spare;
 mod stream;
 pub mod upstream;
 
@@ -183,13 +184,16 @@ impl Gateway {
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
         let label = [protocol_label(protocol)];
-        let login = async {
+        let dial = || async {
             let started = tokio::time::Instant::now();
             let connected = upstream::connect(server, connector).await?;
             self.metrics
                 .upstream_connect_seconds
                 .with_label_values(&label)
                 .observe(started.elapsed().as_secs_f64());
+            Ok::<_, UpstreamError>(connected)
+        };
+        let log_in = |connected| async {
             let started = tokio::time::Instant::now();
             let result = match protocol {
                 Protocol::Imap => {
@@ -206,6 +210,30 @@ impl Gateway {
                 .with_label_values(&label)
                 .observe(started.elapsed().as_secs_f64());
             result
+        };
+        let login = async {
+            let spare = services.spares.take(server);
+            services.spares.refill(server, connector);
+            match spare {
+                Some(connected) => match log_in(connected).await {
+                    // The upstream closed the spare while it waited: dial.
+                    Err(UpstreamError::Io(_) | UpstreamError::Closed) => {
+                        self.metrics
+                            .upstream_spares
+                            .with_label_values(&["stale"])
+                            .inc();
+                        log_in(dial().await?).await
+                    }
+                    other => {
+                        self.metrics
+                            .upstream_spares
+                            .with_label_values(&["used"])
+                            .inc();
+                        other
+                    }
+                },
+                None => log_in(dial().await?).await,
+            }
         };
         tokio::time::timeout(self.limits.upstream_timeout, login)
             .await

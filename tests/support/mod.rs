@@ -353,6 +353,15 @@ impl Gateway {
         }
     }
 
+    /// The value of one metric series, e.g.
+    /// `mailgate_upstream_spares_total{outcome="used"}`; 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.running.as_ref().expect("running").metrics().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// The stored record of an account.
     pub fn stored(&self, account: &str) -> Option<mailgate::oauth::Record> {
         store(self.state.path()).load(account).unwrap()
