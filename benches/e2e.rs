@@ -59,6 +59,42 @@ fn proc_stat(pid: u32) -> (u64, f64) {
     (rss_kib, cpu_ns as f64 / 1e9)
 }
 
+/// CPU seconds of the harness's Dovecot IMAP processes (imap-login, which
+/// terminates TLS and proxies, and imap), every thread, from schedstat.
+fn dovecot_imap_cpu() -> f64 {
+    let mut seconds = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.starts_with(b"dovecot-mgharness/imap") {
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for task in tasks.flatten() {
+                    let text =
+                        std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+                    seconds += text
+                        .split(' ')
+                        .next()
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                        / 1e9;
+                }
+            }
+        }
+    }
+    seconds
+}
+
+/// User and system CPU seconds of a process (from /proc/PID/stat, in
+/// clock ticks: coarse, but enough over 100 MB to split the total).
+fn cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks = |i: usize| fields[i].parse::<f64>().unwrap() / 100.0;
+    (ticks(11), ticks(12))
+}
+
 /// How many times the relay measurements fetch the 3 MiB message
 /// (`MG_E2E_RELAY_ROUNDS`, default 30: about 100 MB).
 fn relay_rounds() -> usize {
@@ -270,7 +306,8 @@ async fn retr_throughput(
     let started = Instant::now();
     for _ in 0..rounds {
         c.send(format!("RETR {}\r\n", big()).as_bytes()).await;
-        assert!(c.line().await.starts_with("+OK"));
+        let reply = c.line().await;
+        assert!(reply.starts_with("+OK"), "RETR: {reply}");
         loop {
             let line = c.line().await;
             if line == "." {
@@ -455,11 +492,15 @@ async fn run() {
     // Relay throughput and CPU per GB.
     let rounds = relay_rounds();
     let (c, _) = imap_login(None, &account, &token).await;
-    let (direct_fetch, _) = fetch_throughput(c, rounds).await;
+    let dovecot_before = dovecot_imap_cpu();
+    let (direct_fetch, direct_bytes) = fetch_throughput(c, rounds).await;
+    let dovecot_per_gb = (dovecot_imap_cpu() - dovecot_before) / (direct_bytes as f64 / 1e9);
     let (c, _) = imap_login(Some(&gateway), &account, &token).await;
     let (_, cpu_before) = gateway.stat();
+    let split_before = cpu_split(gateway.child.id());
     let (via_fetch, bytes) = fetch_throughput(c, rounds).await;
     let (_, cpu_after) = gateway.stat();
+    let split_after = cpu_split(gateway.child.id());
     report(
         &mut results,
         &format!("imap FETCH 3 MiB x{rounds} throughput"),
@@ -473,6 +514,27 @@ async fn run() {
         "mailgate relay cost"
     );
     results.insert("cpu_seconds_per_gb".into(), serde_json::json!(cpu_per_gb));
+    println!(
+        "{:<40} {dovecot_per_gb:.2} CPU-seconds per GB served (direct: imap-login's TLS and imap)",
+        "  for scale, Dovecot"
+    );
+    results.insert(
+        "dovecot_cpu_seconds_per_gb".into(),
+        serde_json::json!(dovecot_per_gb),
+    );
+    let gb = bytes as f64 / 1e9;
+    let (user, system) = (
+        (split_after.0 - split_before.0) / gb,
+        (split_after.1 - split_before.1) / gb,
+    );
+    println!(
+        "{:<40} {user:.2} user + {system:.2} system (ticks)",
+        "  of which"
+    );
+    results.insert(
+        "cpu_seconds_per_gb_user_system".into(),
+        serde_json::json!([user, system]),
+    );
     let direct_retr = retr_throughput(None, &account, &token, rounds).await;
     let via_retr = retr_throughput(Some(&gateway), &account, &token, rounds).await;
     report(
