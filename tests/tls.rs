@@ -72,3 +72,53 @@ async fn self_signed_certificate_is_made_once_and_kept_across_restarts() {
     );
     second.stop(std::time::Duration::from_secs(1)).await;
 }
+
+/// The cipher suite OpenSSL's client ends up with, offering `suites` (in
+/// its order of preference).
+fn negotiated_suite(addr: std::net::SocketAddr, suites: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-ciphersuites",
+            suites,
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.split_once("Cipher is ").map(|(_, s)| s.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no cipher line in: {text}"))
+}
+
+/// The listeners pick AES-128-GCM even for a client that asks for AES-256
+/// first (OpenSSL's default order): cheaper handshakes (SHA-256 has a
+/// hardware path, SHA-384 hasn't) and cheaper bytes. A client that offers
+/// only AES-256 or ChaCha20 still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_prefer_aes_128_gcm_and_still_accept_the_others() {
+    let state = tempfile::tempdir().unwrap();
+    let running = mailgate::app::start(config(state.path())).await.unwrap();
+    let addr = running.addresses[0];
+    let cases = [
+        (
+            "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        ("TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"),
+        (
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+    ];
+    for (offered, expected) in cases {
+        let suite = tokio::task::spawn_blocking(move || negotiated_suite(addr, offered))
+            .await
+            .unwrap();
+        assert_eq!(suite, expected, "offered {offered}");
+    }
+    running.stop(std::time::Duration::from_secs(1)).await;
+}
