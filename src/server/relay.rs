@@ -41,6 +41,9 @@ struct Direction {
     unflushed: bool,
     /// Bytes read from this direction's reader.
     count: u64,
+    /// A read error that came after some bytes: returned once they are
+    /// written.
+    failed: Option<io::Error>,
 }
 
 impl Direction {
@@ -69,6 +72,9 @@ impl Direction {
             if !self.pending.is_empty() {
                 self.pending = Vec::new();
                 self.written = 0;
+            }
+            if let Some(e) = self.failed.take() {
+                return Poll::Ready(Err(e));
             }
             if self.eof {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
@@ -124,9 +130,11 @@ impl Direction {
                 }
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) if before == 0 => return Step::Failed(e),
-                // Send what came before the error; the error comes back
-                // at the next read.
-                Poll::Ready(Err(_)) => break,
+                // Send what came before the error, then report it.
+                Poll::Ready(Err(e)) => {
+                    self.failed = Some(e);
+                    break;
+                }
                 Poll::Pending => {
                     blocked = true;
                     break;
@@ -155,7 +163,7 @@ impl Direction {
                 }
             }
         }
-        if blocked && !self.eof {
+        if blocked && !self.eof && self.failed.is_none() {
             Step::Blocked
         } else {
             Step::Again
@@ -341,5 +349,47 @@ mod tests {
         let ((), read) = tokio::join!(pump, writer_far.read_exact(&mut got));
         read.unwrap();
         assert!(got == data);
+    }
+
+    /// A reader that yields some bytes, then an error once, then end of
+    /// file (as a socket does after a reset).
+    struct Breaks(Vec<u8>, bool);
+
+    impl AsyncRead for Breaks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if !self.0.is_empty() {
+                let data = std::mem::take(&mut self.0);
+                buf.put_slice(&data);
+                return Poll::Ready(Ok(()));
+            }
+            if !self.1 {
+                self.1 = true;
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Bytes read before an error are written on, and then the error ends
+    /// the direction: a reset isn't mistaken for a clean end.
+    #[tokio::test]
+    async fn bytes_before_a_read_error_are_delivered_and_the_error_reported() {
+        let mut reader = Breaks(pattern(1000, 5), false);
+        let (mut writer, mut writer_far) = tokio::io::duplex(4096);
+        let activity = Activity::new();
+        let mut direction = Direction::default();
+        let result = poll_fn(|cx| direction.poll(cx, &mut reader, &mut writer, &activity)).await;
+        assert_eq!(
+            result.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+        let mut got = vec![0; 1000];
+        writer_far.read_exact(&mut got).await.unwrap();
+        assert!(got == pattern(1000, 5));
+        assert_eq!(direction.count, 1000);
     }
 }
