@@ -213,8 +213,7 @@ impl Gateway {
         };
         let login = async {
             let spare = services.spares.take(server);
-            services.spares.refill(server, connector);
-            match spare {
+            let result = match spare {
                 Some(connected) => match log_in(connected).await {
                     // The upstream closed the spare while it waited: dial.
                     Err(UpstreamError::Io(_) | UpstreamError::Closed) => {
@@ -233,7 +232,11 @@ impl Gateway {
                     }
                 },
                 None => log_in(dial().await?).await,
-            }
+            };
+            // The next spare is dialled once this login is done, so that
+            // its handshake doesn't compete with this login for the CPU.
+            services.spares.refill(server, connector);
+            result
         };
         tokio::time::timeout(self.limits.upstream_timeout, login)
             .await
