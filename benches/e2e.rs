@@ -585,13 +585,31 @@ async fn run() {
         // shared machine hits both sides; the median of each side counts.
         let total = (concurrency * 8).max(256);
         let (mut ds, mut vs) = (Vec::new(), Vec::new());
+        let (mut dovecot_cpu, mut mailgate_cpu) = (0.0, 0.0);
         for _ in 0..3 {
+            let before = dovecot_imap_cpu();
             ds.push(logins_per_second(None, &account, &token, concurrency, total).await);
+            dovecot_cpu += dovecot_imap_cpu() - before;
+            let (_, before) = gateway.stat();
             vs.push(
                 logins_per_second(Some(gateway.clone()), &account, &token, concurrency, total)
                     .await,
             );
+            mailgate_cpu += gateway.stat().1 - before;
         }
+        // Where the CPU of a login goes: mailgate's own, and Dovecot's IMAP
+        // processes' in a direct login (its auth process and the OAuth
+        // server come on top), per login.
+        let logins = (3 * (total / concurrency) * concurrency) as f64;
+        let (dovecot_ms, mailgate_ms) = (dovecot_cpu / logins * 1e3, mailgate_cpu / logins * 1e3);
+        println!(
+            "{:<40} {mailgate_ms:.2} ms mailgate CPU per login; {dovecot_ms:.2} ms Dovecot imap/imap-login per direct login",
+            format!("  at concurrency {concurrency}")
+        );
+        results.insert(
+            format!("cpu_ms_per_login_at_{concurrency}"),
+            serde_json::json!({"mailgate": mailgate_ms, "dovecot_imap_direct": dovecot_ms}),
+        );
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
