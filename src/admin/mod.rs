@@ -252,11 +252,7 @@ async fn callback(
         .and_then(|state| s.pending.load(state).ok().flatten())
         .filter(|p| p.from_page);
     if let Some(p) = started.as_ref().filter(|p| p.outcome.is_some()) {
-        return page::see_other(&format!(
-            "{}#account-{}",
-            page::page_path(&services.config),
-            p.account
-        ));
+        return page::see_other(&page::account_url(&services.config, &p.account));
     }
     let from_page = started.map(|p| p.account);
     let outcome = authorize::finish(
@@ -275,10 +271,7 @@ async fn callback(
         }
         s.page
             .authorization_ended(&account, outcome.map(|_| ()).map_err(|e| e.to_string()));
-        return page::see_other(&format!(
-            "{}#account-{account}",
-            page::page_path(&services.config)
-        ));
+        return page::see_other(&page::account_url(&services.config, &account));
     }
     match outcome {
         Ok(account) => page(

@@ -33,7 +33,7 @@ use super::authorize::Pending;
 use super::{escape as e, secure, AdminState};
 use crate::account::{verify_hash, Remembered};
 use crate::config::{Account, AdminCredential, Config, Grant, HttpSettings, Integration};
-use crate::oauth::{format_relative, format_time, grant, unix_now, Record};
+use crate::oauth::{authorization_needed, format_relative, format_time, grant, unix_now, Record};
 use crate::secret::Secret;
 use crate::server::probe::{self, Step};
 use crate::services::Services;
@@ -106,10 +106,11 @@ impl PageState {
     }
 }
 
-/// The path of the page as the browser sees it (the public URL's path).
-pub(crate) fn page_path(config: &Config) -> String {
+/// An account's card on the page, as the browser reaches it (under the
+/// public URL's path).
+pub(crate) fn account_url(config: &Config, account: &str) -> String {
     let base = config.http.as_ref().map_or("", |h| h.public_url.path());
-    format!("{}/", base.trim_end_matches('/'))
+    format!("{}/#account-{account}", base.trim_end_matches('/'))
 }
 
 /// Lets the request through, or answers it.
@@ -359,7 +360,7 @@ pub async fn authorize(
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
-    let back = format!("{}#account-{name}", page_path(&services.config));
+    let back = account_url(&services.config, &name);
     if account.grant != Grant::AuthorizationCode {
         s.page.authorization_ended(
             &name,
@@ -415,7 +416,7 @@ pub async fn test(
     let failed = steps.iter().any(|step| step.outcome.is_err());
     info!(account = %name, ok = !failed, "test connection from the integrations page");
     s.page.note(&name, |n| n.test = Some((unix_now(), steps)));
-    see_other(&format!("{}#account-{name}", page_path(&services.config)))
+    see_other(&account_url(&services.config, &name))
 }
 
 fn grant_name(grant: Grant) -> &'static str {
@@ -542,82 +543,76 @@ fn token_state(
     a: &Account,
     record: &Result<Option<Record>, crate::oauth::StoreError>,
 ) -> (String, bool) {
-    let needs_code = a.grant == Grant::AuthorizationCode;
-    match record {
-        Err(err) => (
-            format!(
-                "<span class=\"bad\">token store unreadable:</span> {}",
-                e(&err.to_string())
-            ),
-            false,
-        ),
-        Ok(None) if needs_code && a.refresh_token.is_none() => (
-            "<span class=\"bad state\">Needs authorization</span>: not authorized yet".into(),
-            true,
-        ),
-        Ok(None) => (
-            "<span class=\"state\">No token yet</span>: one is fetched at the first login".into(),
-            false,
-        ),
-        Ok(Some(r)) => {
-            let mut text = String::new();
-            let needs = if let Some(why) = &r.needs_authorization {
-                let _ = write!(
-                    text,
-                    "<span class=\"bad state\">Needs authorization</span>: {}.",
-                    e(why)
-                );
-                if r.refresh_token.is_some() {
-                    text.push_str(" The old tokens are kept until then.");
-                }
-                true
-            } else if needs_code && r.refresh_token.is_none() && a.refresh_token.is_none() {
-                text.push_str(
-                    "<span class=\"bad state\">Needs authorization</span>: not authorized yet",
-                );
-                true
-            } else {
-                let now = unix_now();
-                match &r.access_token {
-                    Some(_) if r.expires_at > now => {
-                        let _ = write!(
-                            text,
-                            "<span class=\"good state\">Authorized</span>: access token valid until {} ({})",
-                            e(&format_time(r.expires_at)),
-                            e(&format_relative(r.expires_at))
-                        );
-                    }
-                    Some(_) => {
-                        let _ = write!(
-                            text,
-                            "<span class=\"good state\">Authorized</span>: access token expired {}; a new one is fetched when needed",
-                            e(&format_relative(r.expires_at))
-                        );
-                    }
-                    None => text.push_str(
-                        "<span class=\"good state\">Authorized</span>: an access token is fetched at the first login",
-                    ),
-                }
-                false
-            };
-            if r.last_refresh > 0 {
-                let _ = write!(
-                    text,
-                    "<br>Last refresh: {} ({})",
-                    e(&format_time(r.last_refresh)),
-                    e(&format_relative(r.last_refresh))
-                );
+    let record = match record {
+        Ok(record) => record.as_ref(),
+        Err(err) => {
+            return (
+                format!(
+                    "<span class=\"bad\">token store unreadable:</span> {}",
+                    e(&err.to_string())
+                ),
+                false,
+            )
+        }
+    };
+    let needs = authorization_needed(a, record);
+    let mut text = String::new();
+    match (&needs, record) {
+        (Some(why), _) => {
+            let _ = write!(
+                text,
+                "<span class=\"bad state\">Needs authorization</span>: {}.",
+                e(why)
+            );
+            if record.is_some_and(|r| r.refresh_token.is_some()) {
+                text.push_str(" The old tokens are kept until then.");
             }
-            if let (Some(err), false) = (&r.last_error, needs) {
-                let _ = write!(
-                    text,
-                    "<br><span class=\"bad\">Last error:</span> {}",
-                    e(err)
-                );
+        }
+        (None, None) => text.push_str(
+            "<span class=\"state\">No token yet</span>: one is fetched at the first login",
+        ),
+        (None, Some(r)) => {
+            let now = unix_now();
+            match &r.access_token {
+                Some(_) if r.expires_at > now => {
+                    let _ = write!(
+                        text,
+                        "<span class=\"good state\">Authorized</span>: access token valid until {} ({})",
+                        e(&format_time(r.expires_at)),
+                        e(&format_relative(r.expires_at))
+                    );
+                }
+                Some(_) => {
+                    let _ = write!(
+                        text,
+                        "<span class=\"good state\">Authorized</span>: access token expired {}; a new one is fetched when needed",
+                        e(&format_relative(r.expires_at))
+                    );
+                }
+                None => text.push_str(
+                    "<span class=\"good state\">Authorized</span>: an access token is fetched at the first login",
+                ),
             }
-            (text, needs)
         }
     }
+    if let Some(r) = record {
+        if r.last_refresh > 0 {
+            let _ = write!(
+                text,
+                "<br>Last refresh: {} ({})",
+                e(&format_time(r.last_refresh)),
+                e(&format_relative(r.last_refresh))
+            );
+        }
+        if let (Some(err), None) = (&r.last_error, &needs) {
+            let _ = write!(
+                text,
+                "<br><span class=\"bad\">Last error:</span> {}",
+                e(err)
+            );
+        }
+    }
+    (text, needs.is_some())
 }
 
 fn render_account(

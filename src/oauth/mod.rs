@@ -50,6 +50,20 @@ pub fn fix_command(account: &str) -> String {
     format!("mailgate authorize {account}")
 }
 
+/// Why `account` needs `mailgate authorize`, given its stored record, if
+/// it does: the provider refused its grant, or it uses the
+/// authorization-code grant and has a refresh token neither stored nor in
+/// the config.
+pub fn authorization_needed(account: &Account, record: Option<&Record>) -> Option<String> {
+    if let Some(why) = record.and_then(|r| r.needs_authorization.as_ref()) {
+        return Some(why.clone());
+    }
+    let refresh_token =
+        record.is_some_and(|r| r.refresh_token.is_some()) || account.refresh_token.is_some();
+    (account.grant == Grant::AuthorizationCode && !refresh_token)
+        .then(|| "not authorized yet".to_owned())
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -335,11 +349,7 @@ impl Tokens {
                 continue;
             }
             let record = &state.record;
-            let needs = i64::from(
-                record.needs_authorization.is_some()
-                    || (entry.account.grant == Grant::AuthorizationCode
-                        && record.refresh_token.is_none()),
-            );
+            let needs = i64::from(authorization_needed(&entry.account, Some(record)).is_some());
             self.metrics
                 .needs_authorization
                 .with_label_values(&[name])
@@ -360,26 +370,13 @@ impl Tokens {
 
     /// Accounts marked as needing authorization, with the reason.
     pub fn needing_authorization(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for (name, entry) in &self.accounts {
-            if let Ok(Some(record)) = self.store.load(name) {
-                if let Some(why) = record.needs_authorization {
-                    out.push((name.clone(), why));
-                    continue;
-                }
-                if entry.account.grant == Grant::AuthorizationCode
-                    && record.refresh_token.is_none()
-                    && entry.account.refresh_token.is_none()
-                {
-                    out.push((name.clone(), "not authorized yet".into()));
-                }
-            } else if entry.account.grant == Grant::AuthorizationCode
-                && entry.account.refresh_token.is_none()
-            {
-                out.push((name.clone(), "not authorized yet".into()));
-            }
-        }
-        out
+        self.accounts
+            .iter()
+            .filter_map(|(name, entry)| {
+                let record = self.store.load(name).ok().flatten();
+                authorization_needed(&entry.account, record.as_ref()).map(|why| (name.clone(), why))
+            })
+            .collect()
     }
 
     fn entry(&self, account: &Account) -> Result<&AccountTokens, TokenError> {
