@@ -49,18 +49,21 @@ fn proc_stat(pid: u32) -> (u64, f64) {
         .trim()
         .parse()
         .unwrap();
-    let mut cpu_ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = task.unwrap().path().join("schedstat");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            cpu_ns += text
-                .split(' ')
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    (rss_kib, cpu_ns as f64 / 1e9)
+    (rss_kib, cpu_seconds(pid))
+}
+
+/// CPU seconds of every thread of a process, to the nanosecond
+/// (schedstat); 0 for a process that is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
 }
 
 /// CPU seconds of the harness's Dovecot IMAP processes (imap-login, which
@@ -73,18 +76,7 @@ fn dovecot_imap_cpu() -> f64 {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if cmdline.starts_with(b"dovecot-mgharness/imap") {
-            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-                for task in tasks.flatten() {
-                    let text =
-                        std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-                    seconds += text
-                        .split(' ')
-                        .next()
-                        .and_then(|n| n.parse::<f64>().ok())
-                        .unwrap_or(0.0)
-                        / 1e9;
-                }
-            }
+            seconds += cpu_seconds(pid);
         }
     }
     seconds
