@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use mailgate::proto::{UpstreamAction, UpstreamLogin, UpstreamTls};
 use mailgate::secret::Secret;
 
-/// As in the session targets, `plain` is what comes before a STARTTLS
+/// As in the session targets (`common/session.rs`), `plain` is what comes before a STARTTLS
 /// handshake and `tls` what comes after it.
 fn run(login: &mut dyn UpstreamLogin, plain: &[u8], tls: &[u8], chunks: &[usize]) -> Vec<String> {
     let mut log = Vec::new();
