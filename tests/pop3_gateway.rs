@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -121,25 +121,24 @@ async fn upstream_stls_serves_the_same_bytes() {
     gateway.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetchmail_downloads_every_message_with_a_password() {
+/// Runs fetchmail (password only, certificate checked against the harness
+/// CA, keep everything) against the gateway's POP3 `port`, with `tls` the
+/// rc file's TLS words ("ssl" for POP3S, "sslproto tls1.2+" for STLS).
+/// Returns its home (keep it alive) and the inbox the MDA wrote to, one
+/// file per message.
+async fn fetchmail(port: u16, account: &Account, tls: &str) -> (tempfile::TempDir, PathBuf) {
     let h = harness();
-    h.seed("fetchmail@example.test");
-    let account = Account::authorized("fetchmail", "fetchmail@example.test");
-    let gateway = Gateway::start(&[account.clone()]).await;
     let home = tempfile::tempdir().unwrap();
     let inbox = home.path().join("inbox");
     std::fs::create_dir(&inbox).unwrap();
     let rc = home.path().join("fetchmailrc");
-    // fetchmail checks DNS names only, so it connects as "localhost".
     std::fs::write(
         &rc,
         format!(
             "set no syslog\nset invisible\npoll localhost with proto POP3 port {port} auth password\n  \
              user \"{user}\" there with password \"{password}\" is root here\n  \
-             ssl sslcertck sslcertfile \"{ca}\" keep fetchall\n  \
+             {tls} sslcertck sslcertfile \"{ca}\" keep fetchall\n  \
              mda \"/bin/sh -c 'cat > {inbox}/$(date +%s%N)'\"\n",
-            port = gateway.pop3s.port(),
             user = account.name,
             password = account.password,
             ca = h.ca_file.display(),
@@ -159,11 +158,22 @@ async fn fetchmail_downloads_every_message_with_a_password() {
         .unwrap();
     assert!(
         out.status.success(),
-        "fetchmail exited {:?}: {}{}",
+        "fetchmail ({tls}) exited {:?}: {}{}",
         out.status.code(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (home, inbox)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetchmail_downloads_every_message_with_a_password() {
+    let h = harness();
+    h.seed("fetchmail@example.test");
+    let account = Account::authorized("fetchmail", "fetchmail@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    // fetchmail checks DNS names only, so it connects as "localhost".
+    let (_home, inbox) = fetchmail(gateway.pop3s.port(), &account, "ssl").await;
     // fetchmail hands messages to the MDA with LF line ends.
     let mut got: Vec<Vec<u8>> = std::fs::read_dir(&inbox)
         .unwrap()
@@ -451,41 +461,7 @@ async fn stls_clients_and_auth_login() {
             "curl {url} {options:?}: bytes differ"
         );
     }
-    let home = tempfile::tempdir().unwrap();
-    let inbox = home.path().join("inbox");
-    std::fs::create_dir(&inbox).unwrap();
-    let rc = home.path().join("fetchmailrc");
-    std::fs::write(
-        &rc,
-        format!(
-            "set no syslog\nset invisible\npoll localhost with proto POP3 port {port} auth password\n  \
-             user \"{user}\" there with password \"{password}\" is root here\n  \
-             sslproto tls1.2+ sslcertck sslcertfile \"{ca}\" keep fetchall\n  \
-             mda \"/bin/sh -c 'cat > {inbox}/$(date +%s%N)'\"\n",
-            port = gateway.pop3.port(),
-            user = account.name,
-            password = account.password,
-            ca = h.ca_file.display(),
-            inbox = inbox.display(),
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut cmd = Command::new("fetchmail");
-    cmd.arg("--fetchmailrc")
-        .arg(&rc)
-        .arg("--nodetach")
-        .env("FETCHMAILHOME", home.path());
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fetchmail over STLS: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_home, inbox) = fetchmail(gateway.pop3.port(), &account, "sslproto tls1.2+").await;
     assert_eq!(std::fs::read_dir(&inbox).unwrap().count(), seeds.len());
     gateway.stop().await;
 }
