@@ -44,8 +44,20 @@ fn unauthorized(name: &'static str, mailbox: &str) -> Account {
     }
 }
 
-/// Starts `mailgate authorize ...`, returns the child and the URL it printed.
-fn start_authorize(config: &Path, account: &str, args: &[&str]) -> (Child, String) {
+/// Starts `mailgate authorize ...` (off the async threads), returns the
+/// child and the URL it printed.
+async fn start_authorize(
+    config: &Path,
+    account: &'static str,
+    args: &'static [&'static str],
+) -> (Child, String) {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || start_authorize_blocking(&config, account, args))
+        .await
+        .unwrap()
+}
+
+fn start_authorize_blocking(config: &Path, account: &str, args: &[&str]) -> (Child, String) {
     let mut child = mailgate(config)
         .arg("authorize")
         .arg(account)
@@ -68,7 +80,13 @@ fn start_authorize(config: &Path, account: &str, args: &[&str]) -> (Child, Strin
 
 /// Plays the admin's browser: follows the authorization URL to the
 /// redirect URL, which it returns without opening it.
-fn browser(url: &str, user: &str) -> String {
+async fn browser(url: String, user: &'static str) -> String {
+    tokio::task::spawn_blocking(move || browser_blocking(&url, user))
+        .await
+        .unwrap()
+}
+
+fn browser_blocking(url: &str, user: &str) -> String {
     let out = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness/authorize.py"))
         .arg(format!("--url={url}"))
@@ -83,7 +101,15 @@ fn browser(url: &str, user: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn wait(mut child: Child) -> (bool, String) {
+/// Waits for the child (off the async threads): did it succeed, and its
+/// stderr.
+async fn wait(child: Child) -> (bool, String) {
+    tokio::task::spawn_blocking(move || wait_blocking(child))
+        .await
+        .unwrap()
+}
+
+fn wait_blocking(mut child: Child) -> (bool, String) {
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -114,25 +140,16 @@ async fn paste_back_authorization_with_pkce_then_status_and_test() {
     assert_eq!(status.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&status.stdout).contains("NEEDS AUTHORIZATION"));
 
-    let (mut child, url) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || start_authorize(&config, "paste", &["--paste"])
-    })
-    .await
-    .unwrap();
+    let (mut child, url) = start_authorize(&config, "paste", &["--paste"]).await;
     assert!(
         url.contains("code_challenge_method=S256") && url.contains("state="),
         "{url}"
     );
-    let redirected = tokio::task::spawn_blocking(move || browser(&url, "paste@example.test"))
-        .await
-        .unwrap();
+    let redirected = browser(url, "paste@example.test").await;
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{redirected}").unwrap();
     drop(stdin);
-    let (ok, stderr) = tokio::task::spawn_blocking(move || wait(child))
-        .await
-        .unwrap();
+    let (ok, stderr) = wait(child).await;
     assert!(ok, "authorize failed: {stderr}");
 
     let status = mailgate(&config).arg("status").output().unwrap();
@@ -174,18 +191,11 @@ async fn paste_back_authorization_with_pkce_then_status_and_test() {
         );
     }
     // The state was checked: a redirect from another attempt is refused.
-    let (mut child, _url) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || start_authorize(&config, "paste", &["--paste"])
-    })
-    .await
-    .unwrap();
+    let (mut child, _url) = start_authorize(&config, "paste", &["--paste"]).await;
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{redirected}").unwrap();
     drop(stdin);
-    let (ok, stderr) = tokio::task::spawn_blocking(move || wait(child))
-        .await
-        .unwrap();
+    let (ok, stderr) = wait(child).await;
     assert!(!ok && stderr.contains("state"), "{stderr}");
 }
 
@@ -208,15 +218,8 @@ async fn browser_callback_reaches_the_running_gateway_which_uses_the_tokens_at_o
         .await
         .starts_with("a NO [AUTHENTICATIONFAILED] This account must be authorized"));
 
-    let (child, url) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || start_authorize(&config, "callback", &[])
-    })
-    .await
-    .unwrap();
-    let redirected = tokio::task::spawn_blocking(move || browser(&url, "callback@example.test"))
-        .await
-        .unwrap();
+    let (child, url) = start_authorize(&config, "callback", &[]).await;
+    let redirected = browser(url, "callback@example.test").await;
     let page = reqwest::get(&redirected).await.unwrap();
     assert_eq!(page.status(), 200);
     assert_eq!(page.headers()["cache-control"], "no-store");
@@ -225,9 +228,7 @@ async fn browser_callback_reaches_the_running_gateway_which_uses_the_tokens_at_o
         .await
         .unwrap()
         .contains("Account callback is authorized"));
-    let (ok, stderr) = tokio::task::spawn_blocking(move || wait(child))
-        .await
-        .unwrap();
+    let (ok, stderr) = wait(child).await;
     assert!(ok, "authorize failed: {stderr}");
     assert!(
         login(&gateway, &account).await.starts_with("a OK"),
@@ -235,21 +236,12 @@ async fn browser_callback_reaches_the_running_gateway_which_uses_the_tokens_at_o
     );
 
     // A refused authorization comes back explained.
-    let (child, url) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || start_authorize(&config, "callback", &[])
-    })
-    .await
-    .unwrap();
-    let redirected = tokio::task::spawn_blocking(move || browser(&url, "deny@example.test"))
-        .await
-        .unwrap();
+    let (child, url) = start_authorize(&config, "callback", &[]).await;
+    let redirected = browser(url, "deny@example.test").await;
     let page = reqwest::get(&redirected).await.unwrap();
     assert_eq!(page.status(), 400);
     assert!(page.text().await.unwrap().contains("access_denied"));
-    let (ok, stderr) = tokio::task::spawn_blocking(move || wait(child))
-        .await
-        .unwrap();
+    let (ok, stderr) = wait(child).await;
     assert!(!ok && stderr.contains("access_denied"), "{stderr}");
     gateway.stop().await;
 }
@@ -289,9 +281,7 @@ async fn device_authorization_grant() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The CLI polls every 5 s (the RFC default) until it has tokens.
-    let (ok, stderr) = tokio::task::spawn_blocking(move || wait(child))
-        .await
-        .unwrap();
+    let (ok, stderr) = wait(child).await;
     assert!(ok, "{stderr}");
     let test = mailgate(&config).args(["test", "device"]).output().unwrap();
     assert!(
