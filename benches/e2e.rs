@@ -12,7 +12,9 @@
 //! upstream; fewer if the open-file limit can't be raised). mailgate runs
 //! as its own process so that its memory and CPU can be read from /proc.
 //! `MG_E2E_RELAY_ROUNDS` sets how many times the 3 MiB message is fetched
-//! (default 30).
+//! (default 30); `MG_E2E_ONLY` runs only the named parts (comma-separated:
+//! relay, retr, latency, logins, memory); `MG_E2E_MAILGATE` measures
+//! another mailgate binary (for A/B runs of a change).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
 #[path = "../tests/support/mod.rs"]
@@ -91,6 +93,12 @@ fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11), ticks(12))
 }
 
+/// Whether to run `section` (relay, retr, latency, logins, memory): all of them
+/// unless `MG_E2E_ONLY` names some, comma-separated (to profile one part).
+fn wanted(section: &str) -> bool {
+    std::env::var("MG_E2E_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
+}
+
 /// How many times the relay measurements fetch the 3 MiB message
 /// (`MG_E2E_RELAY_ROUNDS`, default 30: about 100 MB).
 fn relay_rounds() -> usize {
@@ -125,13 +133,16 @@ impl Gateway {
         let config = dir.path().join("mailgate.toml");
         std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
         let log = dir.path().join("log");
+        // MG_E2E_MAILGATE: another build to measure (A/B runs of a change).
+        let binary = std::env::var_os("MG_E2E_MAILGATE")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_mailgate").into());
         let mut command = match prefix.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(env!("CARGO_BIN_EXE_mailgate"));
+                c.args(args).arg(&binary);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_mailgate")),
+            None => Command::new(&binary),
         };
         let mut child = command
             .arg("--config")
@@ -172,14 +183,18 @@ impl Gateway {
         proc_stat(self.child.id())
     }
 
-    /// The mean of a histogram from /metrics, in milliseconds.
-    async fn mean_ms(&self, histogram: &str, protocol: &str) -> f64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The mean of a histogram from /metrics, in milliseconds.
+    async fn mean_ms(&self, histogram: &str, protocol: &str) -> f64 {
+        let text = self.metrics().await;
         let value = |suffix: &str| -> f64 {
             let key = format!("{histogram}_{suffix}{{protocol=\"{protocol}\"}} ");
             text.lines()
@@ -485,20 +500,48 @@ async fn run() {
     let (c, _) = imap_login(Some(&gateway), &account, &token).await;
     drop(c);
 
-    // Relay throughput and CPU per GB.
+    if wanted("relay") {
+        relay(&gateway, &account, &token, &mut results).await;
+    }
+    if wanted("retr") {
+        retr(&gateway, &account, &token, &mut results).await;
+    }
+    if wanted("latency") {
+        latency(&gateway, &account, &token, &mut results).await;
+    }
+    if wanted("logins") {
+        logins(&gateway, &account, &token, &mut results).await;
+    }
+    if wanted("memory") {
+        memory(gateway, &account, &mut results).await;
+    }
+
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-bench.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(results)).unwrap(),
+    )
+    .unwrap();
+    println!("written to {}", out.display());
+}
+
+type Results = serde_json::Map<String, serde_json::Value>;
+
+/// IMAP FETCH throughput through the relay, and mailgate's CPU per GB.
+async fn relay(gateway: &Gateway, account: &Account, token: &str, results: &mut Results) {
     let rounds = relay_rounds();
-    let (c, _) = imap_login(None, &account, &token).await;
+    let (c, _) = imap_login(None, account, token).await;
     let dovecot_before = dovecot_imap_cpu();
     let (direct_fetch, direct_bytes) = fetch_throughput(c, rounds).await;
     let dovecot_per_gb = (dovecot_imap_cpu() - dovecot_before) / (direct_bytes as f64 / 1e9);
-    let (c, _) = imap_login(Some(&gateway), &account, &token).await;
+    let (c, _) = imap_login(Some(gateway), account, token).await;
     let (_, cpu_before) = gateway.stat();
     let split_before = cpu_split(gateway.child.id());
     let (via_fetch, bytes) = fetch_throughput(c, rounds).await;
     let (_, cpu_after) = gateway.stat();
     let split_after = cpu_split(gateway.child.id());
     report(
-        &mut results,
+        results,
         &format!("imap FETCH 3 MiB x{rounds} throughput"),
         direct_fetch,
         via_fetch,
@@ -531,28 +574,35 @@ async fn run() {
         "cpu_seconds_per_gb_user_system".into(),
         serde_json::json!([user, system]),
     );
-    let direct_retr = retr_throughput(None, &account, &token, rounds).await;
-    let via_retr = retr_throughput(Some(&gateway), &account, &token, rounds).await;
+}
+
+/// POP3 RETR throughput.
+async fn retr(gateway: &Gateway, account: &Account, token: &str, results: &mut Results) {
+    let rounds = relay_rounds();
+    let direct_retr = retr_throughput(None, account, token, rounds).await;
+    let via_retr = retr_throughput(Some(gateway), account, token, rounds).await;
     report(
-        &mut results,
+        results,
         &format!("pop3 RETR 3 MiB x{rounds} throughput"),
         direct_retr,
         via_retr,
         "MB/s",
     );
+}
 
-    // Login latency with a cached token.
+/// Login latency with a cached token.
+async fn latency(gateway: &Gateway, account: &Account, token: &str, results: &mut Results) {
     let mut direct = Vec::new();
     let mut via = Vec::new();
     for _ in 0..200 {
-        direct.push(imap_login(None, &account, &token).await.1);
-        via.push(imap_login(Some(&gateway), &account, &token).await.1);
+        direct.push(imap_login(None, account, token).await.1);
+        via.push(imap_login(Some(gateway), account, token).await.1);
     }
     for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
         let d = percentile(&mut direct, p).as_secs_f64() * 1e3;
         let v = percentile(&mut via, p).as_secs_f64() * 1e3;
         report(
-            &mut results,
+            results,
             &format!("login latency {name} (cached token)"),
             d,
             v,
@@ -570,8 +620,10 @@ async fn run() {
         println!("{:<40} {ms:.2} ms mean", format!("mailgate {name} (imap)"));
         results.insert(format!("{name}_ms_mean"), serde_json::json!(ms));
     }
+}
 
-    // Logins per second.
+/// Logins per second, and CPU per login.
+async fn logins(gateway: &Arc<Gateway>, account: &Account, token: &str, results: &mut Results) {
     for concurrency in [1, 16, 64, 128] {
         // Three rounds each, interleaved, so that a noisy second on this
         // shared machine hits both sides; the median of each side counts.
@@ -580,12 +632,11 @@ async fn run() {
         let (mut dovecot_cpu, mut mailgate_cpu) = (0.0, 0.0);
         for _ in 0..3 {
             let before = dovecot_imap_cpu();
-            ds.push(logins_per_second(None, &account, &token, concurrency, total).await);
+            ds.push(logins_per_second(None, account, token, concurrency, total).await);
             dovecot_cpu += dovecot_imap_cpu() - before;
             let (_, before) = gateway.stat();
             vs.push(
-                logins_per_second(Some(gateway.clone()), &account, &token, concurrency, total)
-                    .await,
+                logins_per_second(Some(gateway.clone()), account, token, concurrency, total).await,
             );
             mailgate_cpu += gateway.stat().1 - before;
         }
@@ -608,7 +659,7 @@ async fn run() {
         };
         let (d, v) = (median(&mut ds), median(&mut vs));
         report(
-            &mut results,
+            results,
             &format!("logins/s at concurrency {concurrency}"),
             d,
             v,
@@ -616,7 +667,18 @@ async fn run() {
         );
     }
 
-    // Memory per idle logged-in session: 1,000 against Dovecot.
+    // How the TLS handshakes went: a resumed one skips the certificate.
+    for line in gateway.metrics().await.lines() {
+        if let Some(series) = line.strip_prefix("mailgate_tls_handshakes_total") {
+            println!("{:<40} {series}", "  tls handshakes");
+        }
+    }
+}
+
+/// Memory per idle logged-in session: 1,000 against Dovecot, then up to
+/// 10,000 against the minimal upstream.
+async fn memory(gateway: Arc<Gateway>, account: &Account, results: &mut Results) {
+    let h = harness();
     let per_session = idle_memory(&gateway, &account, 1000).await;
     println!(
         "{:<40} {per_session:.1} KiB resident per idle TLS session (both legs), 1,000 sessions (Dovecot)",
@@ -648,7 +710,7 @@ async fn run() {
     // A new grant: the first gateway rotated the first one's refresh token.
     let minimal = Account {
         upstream: (format!("127.0.0.1:{upstream}"), "implicit"),
-        refresh_token: Some(h.authorize(support::CLIENT, &mailbox).refresh_token),
+        refresh_token: Some(h.authorize(support::CLIENT, &account.mailbox).refresh_token),
         ..account.clone()
     };
     let gateway = Gateway::start_with(std::slice::from_ref(&minimal), prefix);
@@ -662,12 +724,4 @@ async fn run() {
         serde_json::json!({"sessions": sessions, "kib_per_session": per_session, "open_file_limit": limit}),
     );
     drop(gateway);
-
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-bench.json");
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&serde_json::Value::Object(results)).unwrap(),
-    )
-    .unwrap();
-    println!("written to {}", out.display());
 }

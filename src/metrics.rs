@@ -22,8 +22,18 @@ pub struct Metrics {
     pub needs_authorization: IntGaugeVec,
     pub relayed_bytes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
     pub upstream_spares: IntCounterVec,
     pub client_secret_expiry_seconds: IntGaugeVec,
+}
+
+/// The `kind` label of `mailgate_tls_handshakes_total`.
+pub fn handshake_label(kind: Option<rustls::HandshakeKind>) -> &'static str {
+    match kind {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full_hello_retry",
+        Some(rustls::HandshakeKind::Full) | None => "full",
+    }
 }
 
 /// How a login ended: the `outcome` label of `mailgate_logins_total`.
@@ -150,6 +160,11 @@ impl Metrics {
                 "mailgate_tls_handshake_failures_total",
                 "Client TLS handshakes that failed or timed out.",
                 &["protocol"],
+            )?,
+            tls_handshakes: counter(
+                "mailgate_tls_handshakes_total",
+                "Completed TLS handshakes: with clients, and of upstream connections used by a login; full or resumed.",
+                &["side", "kind"],
             )?,
             upstream_spares: counter(
                 "mailgate_upstream_spares_total",

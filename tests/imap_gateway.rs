@@ -895,6 +895,48 @@ async fn logins_use_spare_upstream_connections_and_survive_stale_ones() {
     gateway.stop().await;
 }
 
+/// A client that comes back resumes its TLS session instead of a full
+/// handshake, and `mailgate_tls_handshakes_total` counts each handshake by
+/// kind, with clients and upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_clients_resume_tls_and_handshakes_are_counted() {
+    let h = harness();
+    h.seed("resume@example.test");
+    let account = Account::authorized("resume", "resume@example.test");
+    let options = support::Options {
+        limits: "upstream_spare_for = \"0s\"".into(),
+        ..support::Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    // A config of its own: its session cache holds this gateway's tickets only.
+    let config = mailgate::tls::client(Some(&h.ca_file)).unwrap();
+    for _ in 0..3 {
+        let (mut c, _) = RawClient::connect_with(gateway.imaps, config.clone()).await;
+        c.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
+            .await;
+        let reply = c.until_tagged("a").await;
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+        c.send(b"z LOGOUT\r\n").await;
+        let _ = c.until_tagged("z").await;
+    }
+    let series = |side: &str, kind: &str| {
+        gateway.metric(&format!(
+            "mailgate_tls_handshakes_total{{kind=\"{kind}\",side=\"{side}\"}}"
+        ))
+    };
+    assert_eq!(series("client", "full"), 1.0);
+    assert_eq!(series("client", "resumed"), 2.0);
+    // Upstream, one handshake per login; whether Dovecot resumes depends on
+    // which of its login processes takes the connection.
+    assert_eq!(
+        series("upstream", "full") + series("upstream", "resumed"),
+        3.0
+    );
+    assert!(series("upstream", "full") >= 1.0);
+    gateway.stop().await;
+}
+
 /// With `upstream_spare_for = "0s"`, no spare is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spares_can_be_turned_off() {

@@ -299,7 +299,15 @@ impl Connection<'_> {
         )
         .await
         {
-            Ok(Ok(tls)) => Ok(tls),
+            Ok(Ok(tls)) => {
+                let kind = crate::metrics::handshake_label(tls.get_ref().1.handshake_kind());
+                self.gateway
+                    .metrics
+                    .tls_handshakes
+                    .with_label_values(&["client", kind])
+                    .inc();
+                Ok(tls)
+            }
             Ok(Err(e)) => Err(Closed::Handshake(e)),
             Err(_) => Err(Closed::HandshakeTimeout),
         }

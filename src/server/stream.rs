@@ -110,6 +110,16 @@ pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TlsTcp>>;
 /// The upstream side of a connection.
 pub type UpstreamStream = Stream<tokio_rustls::client::TlsStream<TlsTcp>>;
 
+impl UpstreamStream {
+    /// How the TLS handshake went; `None` for plain TCP.
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        match self {
+            Self::Tls(tls) => tls.get_ref().1.handshake_kind(),
+            Self::Plain(_) | Self::Taken => None,
+        }
+    }
+}
+
 /// How much [`ReadAhead`] asks the socket for at once.
 pub const READ_AHEAD: usize = 64 * 1024;
 

@@ -562,8 +562,17 @@ pub struct RawClient {
 impl RawClient {
     /// Connects with implicit TLS and reads the greeting.
     pub async fn connect(addr: SocketAddr) -> (Self, String) {
+        Self::connect_with(addr, client_tls()).await
+    }
+
+    /// [`RawClient::connect`] with a client config of the caller's (its
+    /// own TLS session cache, for resumption).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> (Self, String) {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(client_tls())
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .expect("tls handshake with the gateway");
