@@ -23,6 +23,7 @@ pub struct Metrics {
     pub relayed_bytes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub password_checks: IntCounterVec,
     pub upstream_spares: IntCounterVec,
     pub client_secret_expiry_seconds: IntGaugeVec,
 }
@@ -165,6 +166,11 @@ impl Metrics {
                 "mailgate_tls_handshakes_total",
                 "Completed TLS handshakes: with clients, and of upstream connections used by a login; full or resumed.",
                 &["side", "kind"],
+            )?,
+            password_checks: counter(
+                "mailgate_password_checks_total",
+                "Local password hash checks (argon2) by outcome; logins with credentials that verified before skip them.",
+                &["outcome"],
             )?,
             upstream_spares: counter(
                 "mailgate_upstream_spares_total",

@@ -895,6 +895,51 @@ async fn logins_use_spare_upstream_connections_and_survive_stale_ones() {
     gateway.stop().await;
 }
 
+/// A burst of first logins with the same credentials runs the password
+/// hash (argon2, slow and 19 MiB each on purpose) about once, not once per
+/// login: logins queued behind the first verification find it remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_logins_checks_the_password_hash_about_once() {
+    let h = harness();
+    h.seed("burst@example.test");
+    let account = Account::authorized("burst", "burst@example.test");
+    let gateway = Gateway::start(&[account.clone()]).await;
+    // Verifications run at most one per core at a time; more logins than
+    // that must wait, and then skip the hash.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let logins = cores + 6;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..logins {
+        let (gateway, account) = (gateway.imaps, account.clone());
+        tasks.spawn(async move {
+            let (mut c, _) = RawClient::connect(gateway).await;
+            c.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
+                .await;
+            c.until_tagged("a").await
+        });
+    }
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.unwrap();
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    }
+    let checks = gateway.metric("mailgate_password_checks_total{outcome=\"ok\"}");
+    assert!(
+        checks >= 1.0 && checks <= cores as f64,
+        "{checks} hash checks for {logins} logins"
+    );
+    // A wrong password is checked, and counted as such.
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    c.send(format!("b LOGIN {} wrong-password\r\n", account.name).as_bytes())
+        .await;
+    let reply = c.until_tagged("b").await;
+    assert!(reply.last().unwrap().starts_with("b NO"), "{reply:?}");
+    assert_eq!(
+        gateway.metric("mailgate_password_checks_total{outcome=\"bad\"}"),
+        1.0
+    );
+    gateway.stop().await;
+}
+
 /// A client that comes back resumes its TLS session instead of a full
 /// handshake, and `mailgate_tls_handshakes_total` counts each handshake by
 /// kind, with clients and upstream.

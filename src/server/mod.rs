@@ -152,9 +152,25 @@ impl Gateway {
             .acquire()
             .await
             .map_err(|_| LoginFailure::Unavailable)?;
+        // A burst of logins with the same credentials (a restart, a poller
+        // opening several connections) waits here behind the first: once
+        // it has verified, the rest need no hash of their own.
+        if let Some(account) = services.accounts.remembered(credentials) {
+            return Ok(account);
+        }
         let accounts = services.accounts.clone();
         let presented = credentials.clone();
-        match tokio::task::spawn_blocking(move || accounts.verify(&presented)).await {
+        let verified = tokio::task::spawn_blocking(move || accounts.verify(&presented)).await;
+        let outcome = match &verified {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "bad",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .password_checks
+            .with_label_values(&[outcome])
+            .inc();
+        match verified {
             Ok(Ok(account)) => Ok(account),
             Ok(Err(_)) => {
                 // Debug-quoted and cut short: a client chooses these bytes.
