@@ -71,13 +71,19 @@ pub struct Listener {
     pub label: Arc<str>,
 }
 
-/// Serves one accepted connection on a listener.
+/// Serves one accepted connection on a listener, holding `permit` (its
+/// place under `limits.max_connections`) until it closes.
+///
+/// Spawn this future itself rather than a wrapper that awaits it: a
+/// wrapper holds the future twice (the captured value and the one being
+/// awaited), which doubled each session's task allocation.
 pub async fn serve(
     gateway: Arc<Gateway>,
     tcp: TcpStream,
     peer: SocketAddr,
     listener: Listener,
     shutdown: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let Listener {
         protocol,
@@ -149,6 +155,7 @@ pub async fn serve(
             }
         }
         active.dec();
+        drop(permit);
     }
     .instrument(span)
     .await;
@@ -188,12 +195,14 @@ impl Connection<'_> {
         // reads, and writes to a client that doesn't read.
         let deadline = Instant::now() + limits.pre_auth_timeout;
         let mut client: ClientStream = match tls {
-            ListenerTls::Implicit => Stream::Tls(Box::new(self.handshake(tcp).await?)),
+            ListenerTls::Implicit => Stream::Tls(Box::new(Box::pin(self.handshake(tcp)).await?)),
             ListenerTls::StartTls | ListenerTls::Plaintext => Stream::Plain(tcp),
         };
-        let result = self
-            .pre_auth(&mut client, &mut session, deadline, address, pre_login)
-            .await;
+        // Boxed: the login phase's state (the session's buffers, the
+        // upstream dial and login) is several KiB that an idle relayed
+        // session would otherwise keep in its task for its whole life.
+        let result =
+            Box::pin(self.pre_auth(&mut client, &mut session, deadline, address, pre_login)).await;
         match result {
             Ok((account, logged_in, to_upstream)) => {
                 info!(%account, "logged in");
@@ -201,7 +210,7 @@ impl Connection<'_> {
                     Protocol::Imap => limits.imap_idle_timeout,
                     Protocol::Pop3 => limits.pop3_idle_timeout,
                 };
-                relay(account, client, logged_in, &to_upstream, idle).await
+                relay(account, client, logged_in, to_upstream, idle).await
             }
             Err(closed @ (Closed::PreAuthTimeout | Closed::Shutdown)) => {
                 session.shutdown();
@@ -342,22 +351,28 @@ async fn relay(
     account: String,
     mut client: ClientStream,
     logged_in: LoggedIn,
-    to_upstream: &[u8],
+    to_upstream: bytes::Bytes,
     idle: Duration,
 ) -> Result<Relayed, Closed> {
     let LoggedIn {
         stream: mut upstream,
         to_client,
-        ..
+        capabilities,
     } = logged_in;
+    // Nothing from the login phase stays with an idle session: the
+    // leftovers may share a read buffer of several KiB.
+    drop(capabilities);
+    let (sent_to_client, sent_to_upstream) = (to_client.len() as u64, to_upstream.len() as u64);
     if !to_client.is_empty() {
         client.write_all(&to_client).await?;
         client.flush().await?;
     }
+    drop(to_client);
     if !to_upstream.is_empty() {
-        upstream.write_all(to_upstream).await?;
+        upstream.write_all(&to_upstream).await?;
         upstream.flush().await?;
     }
+    drop(to_upstream);
     // The counts are kept as bytes are read, so that a session that ends
     // in an error (a client dropping without close_notify) is counted.
     let activity = Activity::new();
@@ -368,8 +383,8 @@ async fn relay(
     };
     Ok(Relayed {
         account,
-        from_client: counts.from_client + to_upstream.len() as u64,
-        from_upstream: counts.from_upstream + to_client.len() as u64,
+        from_client: counts.from_client + sent_to_upstream,
+        from_upstream: counts.from_upstream + sent_to_client,
         error,
     })
 }

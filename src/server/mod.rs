@@ -368,10 +368,8 @@ pub async fn accept_loop(
                 label: label.clone(),
             },
             shutdown.clone(),
+            permit,
         );
-        tokio::spawn(async move {
-            connection.await;
-            drop(permit);
-        });
+        tokio::spawn(connection);
     }
 }
