@@ -97,7 +97,22 @@ fn cpu_split(pid: u32) -> (f64, f64) {
 /// Whether to run `section` (relay, bulk, retr, latency, logins, memory): all of them
 /// unless `MG_E2E_ONLY` names some, comma-separated (to profile one part).
 fn wanted(section: &str) -> bool {
-    std::env::var("MG_E2E_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == section))
+    only().is_none_or(|only| only.iter().any(|s| s == section))
+}
+
+const SECTIONS: [&str; 6] = ["relay", "bulk", "retr", "latency", "logins", "memory"];
+
+/// The parts `MG_E2E_ONLY` names, checked: a misspelt one would run nothing.
+fn only() -> Option<Vec<String>> {
+    let only = std::env::var("MG_E2E_ONLY").ok()?;
+    let parts: Vec<String> = only.split(',').map(|s| s.trim().to_owned()).collect();
+    for part in &parts {
+        assert!(
+            SECTIONS.contains(&part.as_str()),
+            "MG_E2E_ONLY: unknown part {part:?}; the parts: {SECTIONS:?}"
+        );
+    }
+    Some(parts)
 }
 
 /// How many times the relay measurements fetch the 3 MiB message
@@ -506,6 +521,7 @@ fn main() {
 }
 
 async fn run() {
+    let _ = only(); // a misspelt part fails here, before any set-up
     mailgate::tls::install_default_provider();
     let h = harness();
     // A fresh mailbox per run: re-seeding one that Dovecot has indexed
@@ -544,7 +560,12 @@ async fn run() {
         memory(gateway, &account, &mut results).await;
     }
 
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-bench.json");
+    // A partial run gets a file of its own, not the full run's.
+    let name = match only() {
+        Some(parts) => format!("target/e2e-bench-{}.json", parts.join("-")),
+        None => "target/e2e-bench.json".to_owned(),
+    };
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::write(
         &out,
         serde_json::to_string_pretty(&serde_json::Value::Object(results)).unwrap(),

@@ -203,10 +203,18 @@ fn with_config(path: &std::path::Path, f: impl FnOnce(Config) -> ExitCode) -> Ex
 /// keeps blocks of 1 MiB and more mmapped, so they go back to the system
 /// once freed; the cost is a fresh mapping per verification, small next
 /// to the hash itself.
+/// An operator's own setting (`MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`)
+/// wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn return_big_blocks_to_the_system() {
-    // SAFETY: mallopt only tunes the allocator; it is called before the
-    // runtime starts any thread.
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    // SAFETY: a plain foreign call with integer arguments and no memory
+    // preconditions; glibc's mallopt takes the arena locks itself and is
+    // thread-safe. A failure (0) leaves glibc's default in place.
     let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
 }
 

@@ -164,7 +164,7 @@ impl Metrics {
             )?,
             tls_handshakes: counter(
                 "mailgate_tls_handshakes_total",
-                "Completed TLS handshakes: with clients, and of upstream connections used by a login; full or resumed.",
+                "Completed TLS handshakes, full or resumed: with clients, and of upstream connections, counted when the login over them succeeds.",
                 &["side", "kind"],
             )?,
             password_checks: counter(
