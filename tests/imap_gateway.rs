@@ -346,7 +346,17 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
 }
 
 async fn login_ok(gateway: &Gateway, account: &Account) -> Vec<String> {
-    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    login_ok_with(gateway.imaps, support::client_tls(), account).await
+}
+
+/// LOGIN, then LOGOUT, at `address` with the client TLS config `tls`;
+/// returns the LOGIN reply.
+async fn login_ok_with(
+    address: std::net::SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    account: &Account,
+) -> Vec<String> {
+    let (mut c, _) = RawClient::connect_with(address, tls).await;
     c.send(
         format!(
             "a LOGIN {} \"{}\"\r\n",
@@ -915,13 +925,8 @@ async fn a_burst_of_first_logins_checks_the_password_hash_about_once() {
         Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..logins {
-        let (gateway, account) = (gateway.imaps, account.clone());
-        tasks.spawn(async move {
-            let (mut c, _) = RawClient::connect(gateway).await;
-            c.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
-                .await;
-            c.until_tagged("a").await
-        });
+        let (address, account) = (gateway.imaps, account.clone());
+        tasks.spawn(async move { login_ok_with(address, support::client_tls(), &account).await });
     }
     while let Some(reply) = tasks.join_next().await {
         let reply = reply.unwrap();
@@ -962,13 +967,8 @@ async fn returning_clients_resume_tls_and_handshakes_are_counted() {
     // A config of its own: its session cache holds this gateway's tickets only.
     let config = mailgate::tls::client(Some(&h.ca_file)).unwrap();
     for _ in 0..3 {
-        let (mut c, _) = RawClient::connect_with(gateway.imaps, config.clone()).await;
-        c.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
-            .await;
-        let reply = c.until_tagged("a").await;
+        let reply = login_ok_with(gateway.imaps, config.clone(), &account).await;
         assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
-        c.send(b"z LOGOUT\r\n").await;
-        let _ = c.until_tagged("z").await;
     }
     let series = |side: &str, kind: &str| {
         gateway.metric(&format!(
