@@ -28,15 +28,6 @@ pub struct Metrics {
     pub client_secret_expiry_seconds: IntGaugeVec,
 }
 
-/// The `kind` label of `mailgate_tls_handshakes_total`.
-pub fn handshake_label(kind: Option<rustls::HandshakeKind>) -> &'static str {
-    match kind {
-        Some(rustls::HandshakeKind::Resumed) => "resumed",
-        Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full_hello_retry",
-        Some(rustls::HandshakeKind::Full) | None => "full",
-    }
-}
-
 /// How a login ended: the `outcome` label of `mailgate_logins_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginOutcome {
@@ -84,6 +75,16 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
+    /// Counts a completed TLS handshake on `side` (`client`, `upstream`).
+    pub fn count_handshake(&self, side: &str, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full_hello_retry",
+            Some(rustls::HandshakeKind::Full) | None => "full",
+        };
+        self.tls_handshakes.with_label_values(&[side, kind]).inc();
+    }
+
     /// Registers every metric, plus the process collector.
     ///
     /// # Errors

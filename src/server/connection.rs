@@ -309,12 +309,8 @@ impl Connection<'_> {
         .await
         {
             Ok(Ok(tls)) => {
-                let kind = crate::metrics::handshake_label(tls.get_ref().1.handshake_kind());
-                self.gateway
-                    .metrics
-                    .tls_handshakes
-                    .with_label_values(&["client", kind])
-                    .inc();
+                let kind = tls.get_ref().1.handshake_kind();
+                self.gateway.metrics.count_handshake("client", kind);
                 Ok(tls)
             }
             Ok(Err(e)) => Err(Closed::Handshake(e)),

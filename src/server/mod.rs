@@ -225,12 +225,10 @@ impl Gateway {
                 .upstream_login_seconds
                 .with_label_values(&label)
                 .observe(started.elapsed().as_secs_f64());
+            // Plain-TCP upstreams have no handshake to count.
             if let Ok(logged_in) = &result {
                 if let kind @ Some(_) = logged_in.stream.handshake_kind() {
-                    self.metrics
-                        .tls_handshakes
-                        .with_label_values(&["upstream", crate::metrics::handshake_label(kind)])
-                        .inc();
+                    self.metrics.count_handshake("upstream", kind);
                 }
             }
             result
