@@ -639,25 +639,42 @@ async fn retr(gateway: &Gateway, account: &Account, token: &str, results: &mut R
     );
 }
 
+/// A gateway of its own for `account`, at the minimal upstream on
+/// `minimal_port` if given, with a new grant (an earlier gateway has
+/// rotated the older grant's refresh token). Returns the account as
+/// configured there.
+fn fresh_gateway(
+    account: &Account,
+    minimal_port: Option<u16>,
+    prefix: &[&str],
+) -> (Gateway, Account) {
+    let mut account = Account {
+        refresh_token: Some(
+            harness()
+                .authorize(support::CLIENT, &account.mailbox)
+                .refresh_token,
+        ),
+        ..account.clone()
+    };
+    if let Some(port) = minimal_port {
+        account.upstream = (format!("127.0.0.1:{port}"), "implicit");
+    }
+    let gateway = Gateway::start_with(std::slice::from_ref(&account), prefix);
+    (gateway, account)
+}
+
 /// mailgate's relay cost against an upstream that sends each message in
 /// one write (the minimal upstream). Against Dovecot, mailgate is woken
 /// for each chunk Dovecot writes, and the per-chunk system calls and
 /// wake-ups dominate its CPU; this shows the relay's cost when the
-/// upstream isn't the pace-setter, as over a network with large receive
-/// batches.
+/// upstream isn't the pace-setter.
 async fn bulk(account: &Account, results: &mut Results) {
-    let h = harness();
     let rounds = relay_rounds();
     let upstream = minimal_upstream().await;
     let address: std::net::SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
     let line = "a AUTHENTICATE XOAUTH2 dXNlcj1hAWF1dGg9QmVhcmVyIHQBAQ==\r\n";
     let (direct, _) = fetch_throughput(login_with(address, line).await.0, rounds).await;
-    let minimal = Account {
-        upstream: (address.to_string(), "implicit"),
-        refresh_token: Some(h.authorize(support::CLIENT, &account.mailbox).refresh_token),
-        ..account.clone()
-    };
-    let gateway = Gateway::start_with(std::slice::from_ref(&minimal), &[]);
+    let (gateway, minimal) = fresh_gateway(account, Some(upstream), &[]);
     let (c, _) = imap_login_at(gateway.imaps, &minimal).await;
     let (_, before) = gateway.stat();
     let (via, bytes) = fetch_throughput(c, rounds).await;
@@ -772,20 +789,13 @@ async fn logins(gateway: &Arc<Gateway>, account: &Account, token: &str, results:
 /// Memory per idle logged-in session: 1,000 against Dovecot, then up to
 /// 10,000 against the minimal upstream.
 async fn memory(gateway: Arc<Gateway>, account: &Account, results: &mut Results) {
-    let h = harness();
     // A fresh gateway: one that has served thousands of logins holds freed
     // memory that new sessions would fill without growing, and the figure
     // would come out low. Its first logins verify the password (argon2),
     // as a real gateway's do after a start.
     drop(gateway);
-    let gateway = Gateway::start_with(
-        std::slice::from_ref(&Account {
-            refresh_token: Some(h.authorize(support::CLIENT, &account.mailbox).refresh_token),
-            ..account.clone()
-        }),
-        &[],
-    );
-    let per_session = idle_memory(&gateway, account, 1000).await;
+    let (gateway, account) = fresh_gateway(account, None, &[]);
+    let per_session = idle_memory(&gateway, &account, 1000).await;
     println!(
         "{:<40} {per_session:.1} KiB resident per idle TLS session (both legs), 1,000 sessions (Dovecot)",
         "mailgate memory"
@@ -813,13 +823,7 @@ async fn memory(gateway: Arc<Gateway>, account: &Account, results: &mut Results)
         &[]
     };
     let upstream = minimal_upstream().await;
-    // A new grant: the first gateway rotated the first one's refresh token.
-    let minimal = Account {
-        upstream: (format!("127.0.0.1:{upstream}"), "implicit"),
-        refresh_token: Some(h.authorize(support::CLIENT, &account.mailbox).refresh_token),
-        ..account.clone()
-    };
-    let gateway = Gateway::start_with(std::slice::from_ref(&minimal), prefix);
+    let (gateway, minimal) = fresh_gateway(&account, Some(upstream), prefix);
     let per_session = idle_memory(&gateway, &minimal, sessions).await;
     println!(
         "{:<40} {per_session:.1} KiB resident per idle TLS session (both legs), {sessions} sessions held (minimal upstream; open-file limit {limit})",
