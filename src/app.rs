@@ -10,20 +10,31 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::admin::{AdminState, PendingStore};
+use crate::admin::AdminState;
 use crate::config::{Config, HttpTls};
 use crate::metrics::Metrics;
-use crate::oauth::TokenStore;
+use crate::oauth::{self, Flows, Stores};
 use crate::server::{self, Gateway};
-use crate::services::{Current, Services};
+use crate::services::{BuildError, Current, Services};
+use crate::tls::TlsError;
 
-/// A failure to start; the message names what failed.
+/// A failure to start or reload; says what failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(String);
-
-fn start_error(what: &str, e: impl std::fmt::Display) -> StartError {
-    StartError(format!("{what}: {e}"))
+pub enum StartError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listener certificate: {0}")]
+    Certificate(TlsError),
+    #[error("token store: {0}")]
+    Store(#[from] oauth::StoreError),
+    #[error("{0}")]
+    Services(#[from] BuildError),
+    #[error("the system's random source failed")]
+    Random,
+    #[error("listen: {0}")]
+    Listen(std::io::Error),
+    #[error("http listen: {0}")]
+    HttpListen(std::io::Error),
 }
 
 /// A running gateway.
@@ -36,6 +47,7 @@ pub struct Running {
     pub fingerprint: String,
     gateway: Arc<Gateway>,
     services: Current,
+    stores: Stores,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     /// Stops the current generation's token refresher.
@@ -67,14 +79,26 @@ impl Running {
     }
 
     /// Replaces accounts and integrations with those of `config`, without
-    /// touching listeners or sessions in progress. On error, nothing
-    /// changes.
+    /// touching listeners or sessions in progress. Listeners and limits
+    /// stay as they started (the connection cap, the admission tables and
+    /// the spares were sized by them): the running config keeps them, so
+    /// there is one source of truth, and a change to them is logged as
+    /// waiting for a restart. On error, nothing changes.
     ///
     /// # Errors
     /// When the new config's services can't be built.
-    pub fn reload(&mut self, config: Config) -> Result<(), StartError> {
-        let services = Services::build(Arc::new(config), self.metrics.clone())
-            .map_err(|e| start_error("reload", e))?;
+    pub fn reload(&mut self, mut config: Config) -> Result<(), StartError> {
+        let running = self.services.get().config.clone();
+        if config.limits != running.limits || config.listeners != running.listeners {
+            warn!("[limits] or [[listeners]] changed: they take effect at the next restart");
+        }
+        config.limits = running.limits;
+        config.listeners = running.listeners.clone();
+        let services = Services::build(
+            Arc::new(config),
+            self.metrics.clone(),
+            self.stores.tokens.clone(),
+        )?;
         let tokens = services.tokens.clone();
         let background = services.config.oauth.refresh_in_background;
         self.services.replace(services);
@@ -97,33 +121,24 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     crate::tls::install_default_provider();
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new().map_err(|e| start_error("metrics", e))?);
+    let metrics = Arc::new(Metrics::new()?);
     let server_tls = crate::tls::server(config.certificate.as_ref(), &config.state_dir)
-        .map_err(|e| start_error("listener certificate", e))?;
+        .map_err(StartError::Certificate)?;
     info!(sha256 = %server_tls.fingerprint, "listener certificate");
-    let services =
-        Services::build(config.clone(), metrics.clone()).map_err(|e| start_error("start", e))?;
+    let stores = oauth::open_store(&config)?;
+    let services = Services::build(config.clone(), metrics.clone(), stores.tokens.clone())?;
     let tokens = services.tokens.clone();
     let current = Current::new(services);
-    let pending = Arc::new(PendingStore::new(
-        TokenStore::open(&config.state_dir, &config.store_key)
-            .map_err(|e| start_error("token store", e))?,
-    ));
-    let page = Arc::new(
-        crate::admin::page::PageState::new()
-            .map_err(|_| start_error("start", "the system's random source failed"))?,
-    );
+    let page = Arc::new(crate::admin::page::PageState::new().map_err(|_| StartError::Random)?);
     let http = crate::admin::bind(&config)
         .await
-        .map_err(|e| start_error("http listen", e))?;
-    let bound = server::bind(&config)
-        .await
-        .map_err(|e| start_error("listen", e))?;
+        .map_err(StartError::HttpListen)?;
+    let bound = server::bind(&config).await.map_err(StartError::Listen)?;
     let addresses = bound
         .iter()
         .map(server::Bound::local_addr)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| start_error("listen", e))?;
+        .map_err(StartError::Listen)?;
     let acceptor = TlsAcceptor::from(server_tls.config.clone());
     let gateway = Arc::new(Gateway::new(
         current.clone(),
@@ -133,7 +148,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (shutdown, receiver) = watch::channel(false);
     let mut tasks = JoinSet::new();
     for b in bound {
-        info!(address = %b.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), protocol = ?b.config.protocol, tls = ?b.config.tls, "listening");
+        info!(address = %b.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), protocol = b.config.protocol.name, tls = ?b.config.tls, "listening");
         tasks.spawn(server::accept_loop(gateway.clone(), b, receiver.clone()));
     }
     let http_address = match http {
@@ -145,7 +160,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let router = crate::admin::router(AdminState {
                 services: current.clone(),
                 metrics: metrics.clone(),
-                pending,
+                flows: Flows::new(stores.flows.clone()),
                 page: page.clone(),
             });
             info!(%address, "http listening");
@@ -170,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         fingerprint: server_tls.fingerprint,
         gateway,
         services: current,
+        stores,
         metrics,
         shutdown,
         refresher,

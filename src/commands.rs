@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailgate::admin::{self, AdminState, Pending, PendingStore};
+use mailgate::admin::{self, AdminState};
 use mailgate::config::{Account, Config, Grant};
 use mailgate::oauth::{
-    fix_command, format_relative as relative, format_time as when, grant, unix_now, TokenStore,
-    Tokens,
+    self, format_relative as relative, format_time as when, grant, unix_now, Authorization, Flows,
+    PendingFlow, Stores, Tokens,
 };
 use mailgate::server::probe;
 use mailgate::services::{Current, Services};
@@ -27,9 +27,12 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn services(config: Arc<Config>) -> Result<Services, ExitCode> {
+/// The store, opened once for the command, and the services around it.
+fn services(config: Arc<Config>) -> Result<(Stores, Services), ExitCode> {
     let metrics = Arc::new(mailgate::metrics::Metrics::new().map_err(fail)?);
-    Services::build(config, metrics).map_err(fail)
+    let stores = oauth::open_store(&config).map_err(fail)?;
+    let services = Services::build(config, metrics, stores.tokens.clone()).map_err(fail)?;
+    Ok((stores, services))
 }
 
 /// How long `authorize` waits for the browser to come back.
@@ -40,7 +43,7 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     let Some(account) = config.accounts.get(name).cloned() else {
         return fail(format!("no account named {name:?}"));
     };
-    let services = match services(config.clone()) {
+    let (stores, services) = match services(config.clone()) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -62,18 +65,20 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     let Some(redirect) = config.redirect_url(integration) else {
         return fail("no [http] table in the config: set http.address (and http.public_url), register the redirect URL (mailgate redirect-url INTEGRATION), or use --device");
     };
-    let started = match grant::authorization(integration, &redirect, mode.login_hint.as_deref()) {
+    let flows = Flows::new(stores.flows.clone());
+    let started = match flows
+        .start(
+            name,
+            integration,
+            &redirect,
+            mode.login_hint.as_deref(),
+            false,
+        )
+        .await
+    {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
-    let pending = match TokenStore::open(&config.state_dir, &config.store_key) {
-        Ok(store) => Arc::new(PendingStore::new(store)),
-        Err(e) => return fail(e),
-    };
-    let record = Pending::started(name, &started, false);
-    if let Err(e) = pending.save(&started.state, &record) {
-        return fail(e);
-    }
     eprintln!(
         "Open this URL in a browser and sign in as the owner of {}:",
         account.mailbox
@@ -91,7 +96,7 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     let state = AdminState {
         services: Current::new(services),
         metrics,
-        pending: pending.clone(),
+        flows: flows.clone(),
         page: match admin::page::PageState::new() {
             Ok(p) => Arc::new(p),
             Err(_) => return fail("the system's random source failed"),
@@ -103,7 +108,7 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     } else {
         wait_for_callback(&state, started.state.expose()).await
     };
-    pending.remove(started.state.expose());
+    flows.remove(started.state.expose()).await;
     match outcome {
         Ok(()) => {
             println!("account {name} is authorized");
@@ -133,9 +138,11 @@ async fn paste_back(
             "the URL's state doesn't match this authorization (a URL from another attempt?)".into(),
         );
     }
-    admin::authorize::finish(
-        &state.pending,
-        &state.services.get(),
+    let services = state.services.get();
+    oauth::flow::finish(
+        &state.flows,
+        &services.config,
+        &services.tokens,
         &account.integration,
         query("code").as_deref(),
         given_state.as_deref(),
@@ -182,11 +189,12 @@ async fn wait_for_callback(state: &AdminState, pending_state: &str) -> Result<()
     let deadline = tokio::time::Instant::now() + AUTHORIZE_WAIT;
     loop {
         match state
-            .pending
+            .flows
             .load(pending_state)
+            .await
             .map_err(|e| e.to_string())?
         {
-            Some(Pending {
+            Some(PendingFlow {
                 outcome: Some(outcome),
                 ..
             }) => return outcome,
@@ -226,10 +234,11 @@ async fn authorize_device(tokens: &Tokens, account: &Account) -> ExitCode {
 }
 
 pub async fn status(config: Config) -> ExitCode {
-    let store = match TokenStore::open(&config.state_dir, &config.store_key) {
+    let (_, services) = match services(Arc::new(config)) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(code) => return code,
     };
+    let config = &services.config;
     let mut needs = false;
     for i in config.integrations.values() {
         println!("integration {} ({:?})", i.name, i.provider);
@@ -258,51 +267,48 @@ pub async fn status(config: Config) -> ExitCode {
             None => println!("  redirect URL: (no [http] table)"),
         }
     }
-    for a in config.accounts.values() {
+    for (a, status) in services.tokens.statuses().await {
         println!(
             "account {} (user {}, integration {}, mailbox {}, grant {:?})",
             a.name, a.username, a.integration.name, a.mailbox, a.grant
         );
-        match store.load(&a.name) {
-            Err(e) => {
-                println!("  token store:  UNREADABLE: {e}");
-                needs = true;
-            }
-            Ok(None) if a.grant == Grant::AuthorizationCode && a.refresh_token.is_none() => {
+        if let Some(e) = &status.store_error {
+            println!("  token store:  UNREADABLE: {e}");
+            needs = true;
+            continue;
+        }
+        if let Some(expires) = status.access_token_expires {
+            let state = if expires > unix_now() {
+                "valid until"
+            } else {
+                "expired at"
+            };
+            println!(
+                "  access token: {state} {} ({})",
+                when(expires),
+                relative(expires)
+            );
+        }
+        if let Some(at) = status.last_refresh {
+            println!("  last refresh: {} ({})", when(at), relative(at));
+        }
+        let fix = status.fix().unwrap_or_default();
+        match &status.authorization {
+            Authorization::NotAuthorizedYet => {
                 println!(
-                    "  token:        none: NEEDS AUTHORIZATION, run `{}`",
-                    fix_command(&a.name)
+                    "  token:        none: NEEDS AUTHORIZATION (not authorized yet), run `{fix}`"
                 );
                 needs = true;
             }
-            Ok(None) => println!("  token:        none yet"),
-            Ok(Some(r)) => {
-                if r.access_token.is_some() {
-                    let state = if r.expires_at > unix_now() {
-                        "valid until"
-                    } else {
-                        "expired at"
-                    };
-                    println!(
-                        "  access token: {state} {} ({})",
-                        when(r.expires_at),
-                        relative(r.expires_at)
-                    );
+            Authorization::Revoked(why) => {
+                println!("  NEEDS AUTHORIZATION: {why}; run `{fix}` (the old tokens are kept)");
+                needs = true;
+            }
+            Authorization::Authorized => {
+                if status.access_token_expires.is_none() && status.last_refresh.is_none() {
+                    println!("  token:        none yet");
                 }
-                if r.last_refresh > 0 {
-                    println!(
-                        "  last refresh: {} ({})",
-                        when(r.last_refresh),
-                        relative(r.last_refresh)
-                    );
-                }
-                if let Some(why) = &r.needs_authorization {
-                    println!(
-                        "  NEEDS AUTHORIZATION: {why}; run `{}` (the old tokens are kept)",
-                        fix_command(&a.name)
-                    );
-                    needs = true;
-                } else if let Some(e) = &r.last_error {
+                if let Some(e) = &status.last_error {
                     println!("  last error:   {e}");
                 }
             }
@@ -330,7 +336,7 @@ pub async fn test(config: Config, target: &str) -> ExitCode {
         return fail(format!("integration {target} has no accounts to test"));
     }
     let timeout = config.limits.upstream_timeout;
-    let services = match services(Arc::new(config)) {
+    let (_, services) = match services(Arc::new(config)) {
         Ok(s) => s,
         Err(code) => return code,
     };

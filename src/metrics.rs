@@ -6,7 +6,6 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::config::Protocol;
 use crate::proto::LoginFailure;
 
 /// Every metric mailgate exports.
@@ -26,6 +25,7 @@ pub struct Metrics {
     pub password_checks: IntCounterVec,
     pub upstream_spares: IntCounterVec,
     pub client_secret_expiry_seconds: IntGaugeVec,
+    pub connections_closed: IntCounterVec,
 }
 
 /// How a login ended: the `outcome` label of `mailgate_logins_total`.
@@ -55,17 +55,11 @@ impl From<LoginFailure> for LoginOutcome {
         match f {
             LoginFailure::BadCredentials => Self::BadCredentials,
             LoginFailure::Unavailable => Self::Unavailable,
-            LoginFailure::NeedsAuthorization => Self::NeedsAuthorization,
+            LoginFailure::NotAuthorizedYet | LoginFailure::NeedsAuthorization => {
+                Self::NeedsAuthorization
+            }
             LoginFailure::InUse => Self::InUse,
         }
-    }
-}
-
-/// The `protocol` label.
-pub fn protocol_label(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Imap => "imap",
-        Protocol::Pop3 => "pop3",
     }
 }
 
@@ -182,6 +176,11 @@ impl Metrics {
                 "mailgate_client_secret_expiry_seconds",
                 "Seconds until the integration's client secret expires, when configured.",
                 &["integration"],
+            )?,
+            connections_closed: counter(
+                "mailgate_connections_closed_total",
+                "Client connections closed, by how they ended (error_kind \"none\": normally) and whose fault that was.",
+                &["protocol", "error_kind", "blame"],
             )?,
             registry,
         };

@@ -1,16 +1,16 @@
 //! The reloadable part of the runtime: the config with its accounts,
 //! tokens and upstream TLS connectors. SIGHUP builds a new set from the new
 //! config and swaps it in; connections already relaying keep what they
-//! have, new logins use the new set.
+//! have, new logins use the new set. The token store is not rebuilt: it is
+//! opened once and every generation shares it.
 
 use std::sync::{Arc, RwLock};
 
 use crate::account::Accounts;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::oauth::Tokens;
-use crate::server::spare::Spares;
-use crate::tls::Connectors;
+use crate::oauth::{TokenError, TokenStore, Tokens};
+use crate::tls::{Connectors, TlsError};
 
 /// One generation of the reloadable services.
 pub struct Services {
@@ -18,32 +18,38 @@ pub struct Services {
     pub accounts: Arc<Accounts>,
     pub tokens: Arc<Tokens>,
     pub connectors: Connectors,
-    /// Spare upstream connections for the next login.
-    pub spares: Arc<Spares>,
 }
 
 /// Why services could not be built from a config.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BuildError(String);
+pub enum BuildError {
+    #[error("upstream tls: {0}")]
+    UpstreamTls(TlsError),
+    #[error("oauth tls: {0}")]
+    OAuthTls(TlsError),
+    #[error("token client: {0}")]
+    Tokens(#[from] TokenError),
+    #[error("accounts: {0}")]
+    Accounts(argon2::password_hash::Error),
+}
 
 impl Services {
-    /// Builds every service of `config`.
+    /// Builds every service of `config` around the shared token `store`.
     ///
     /// # Errors
-    /// When a CA file, the token store or the password hashing can't be set
-    /// up; the message says which.
-    pub fn build(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
+    /// When a CA file, the token client or the password hashing can't be
+    /// set up; the error says which.
+    pub fn build(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<Self, BuildError> {
         crate::tls::install_default_provider();
-        let connectors = crate::tls::connectors(&config)
-            .map_err(|e| BuildError(format!("upstream tls: {e}")))?;
-        let oauth_tls =
-            crate::tls::client(None).map_err(|e| BuildError(format!("oauth tls: {e}")))?;
-        let tokens = Tokens::new(&config, &oauth_tls, metrics)
-            .map_err(|e| BuildError(format!("token store: {e}")))?;
-        let accounts = Accounts::new(&config).map_err(|e| BuildError(format!("accounts: {e}")))?;
+        let connectors = crate::tls::connectors(&config).map_err(BuildError::UpstreamTls)?;
+        let oauth_tls = crate::tls::client(None).map_err(BuildError::OAuthTls)?;
+        let tokens = Tokens::new(&config, &oauth_tls, metrics, store)?;
+        let accounts = Accounts::new(&config).map_err(BuildError::Accounts)?;
         Ok(Self {
-            spares: Spares::new(config.limits.upstream_spare_for),
             config,
             accounts: Arc::new(accounts),
             tokens: Arc::new(tokens),

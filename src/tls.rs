@@ -191,11 +191,7 @@ pub type Connectors = std::collections::HashMap<Option<PathBuf>, tokio_rustls::T
 /// When a CA file can't be read or holds no certificate.
 pub fn connectors(config: &crate::config::Config) -> Result<Connectors, TlsError> {
     let mut connectors = Connectors::new();
-    let upstreams = config
-        .accounts
-        .values()
-        .flat_map(|a| [a.imap.as_ref(), a.pop3.as_ref()])
-        .flatten();
+    let upstreams = config.accounts.values().flat_map(|a| a.upstreams.values());
     for server in upstreams {
         if let std::collections::hash_map::Entry::Vacant(entry) =
             connectors.entry(server.ca_file.clone())

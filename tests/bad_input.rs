@@ -276,3 +276,80 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     assert!(greeting.starts_with("* OK"), "{greeting}");
     gateway.stop().await;
 }
+
+/// A client that hangs up while its failed login waits out the back-off
+/// gives its pre-login slot back at once, not when the back-off ends: the
+/// real poller on the same address is not refused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_during_the_back_off_frees_its_slot_at_once() {
+    let account = Account::authorized_without_grant("hangup", "hangup@example.test");
+    let options = Options {
+        // The back-off outlasts the test: only an early end frees a slot.
+        failure_delay: "60s".into(),
+        limits: "max_pre_login_per_ip = 2\nlogin_failure_max_delay = \"60s\"".into(),
+        ..Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    for checks in 1..=2 {
+        let (mut c, greeting) = RawClient::connect(gateway.imaps).await;
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        c.send(b"a LOGIN hangup wrong\r\n").await;
+        wrong_passwords_checked(&gateway, checks).await;
+        drop(c);
+    }
+    // Both slots were taken by clients that hung up mid back-off. Within a
+    // few seconds (not the minute the back-off lasts) a new client is
+    // greeted rather than refused.
+    let mut greeting = String::new();
+    for _ in 0..100 {
+        let (_c, g) = RawClient::connect(gateway.imaps).await;
+        greeting = g;
+        if greeting.starts_with("* OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(greeting.starts_with("* OK"), "still refused: {greeting}");
+    gateway.stop().await;
+}
+
+/// A failed login waiting out its back-off hears the gateway's goodbye
+/// at shutdown instead of holding the shutdown up for the back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_failed_login_s_back_off_with_a_goodbye() {
+    let account = Account::authorized_without_grant("bye", "bye@example.test");
+    let options = Options {
+        failure_delay: "60s".into(),
+        limits: "login_failure_max_delay = \"60s\"".into(),
+        ..Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    c.send(b"a LOGIN bye wrong\r\n").await;
+    wrong_passwords_checked(&gateway, 1).await;
+    // stop() waits up to 5 s for sessions; the goodbye must come first.
+    let (goodbye, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), c.line()),
+        gateway.stop()
+    );
+    assert_eq!(
+        goodbye.expect("a goodbye before the back-off ended"),
+        "* BYE mailgate shutting down"
+    );
+}
+
+/// Waits until the gateway has counted `n` logins with bad credentials:
+/// from then on, the last one waits out its back-off.
+async fn wrong_passwords_checked(gateway: &Gateway, n: usize) {
+    let series = "mailgate_logins_total{outcome=\"bad_credentials\",protocol=\"imap\"}";
+    let counted = async {
+        while gateway.metric(series) < n as f64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), counted)
+        .await
+        .expect("the wrong password was checked");
+}

@@ -106,9 +106,9 @@ fn provider_defaults_are_filled_in() {
     );
     assert_eq!(g.scopes, ["https://mail.google.com/"]);
     let a = &c.accounts["jira"];
-    let imap = a.imap.as_ref().unwrap();
+    let imap = a.upstream(imap_protocol()).unwrap();
     assert_eq!((imap.host.as_str(), imap.port), ("imap.gmail.com", 993));
-    let pop3 = a.pop3.as_ref().unwrap();
+    let pop3 = a.upstream(pop3_protocol()).unwrap();
     assert_eq!((pop3.host.as_str(), pop3.port), ("pop.gmail.com", 995));
     assert_eq!(a.username, "jira", "username defaults to the account name");
 
@@ -125,10 +125,10 @@ fn provider_defaults_are_filled_in() {
     assert!(m.scopes.iter().any(|s| s == "offline_access"));
     let ms_account = &ms.accounts["jira"];
     assert_eq!(
-        ms_account.imap.as_ref().unwrap().host,
+        ms_account.upstream(imap_protocol()).unwrap().host,
         "outlook.office365.com"
     );
-    assert_eq!(ms_account.pop3.as_ref().unwrap().port, 995);
+    assert_eq!(ms_account.upstream(pop3_protocol()).unwrap().port, 995);
 }
 
 #[test]
@@ -418,7 +418,7 @@ fn microsoft_clouds_tenants_and_device_endpoints() {
         .iter()
         .any(|s| s == "https://outlook.office365.us/IMAP.AccessAsUser.All"));
     assert_eq!(
-        gov.accounts["jira"].imap.as_ref().unwrap().host,
+        gov.accounts["jira"].upstream(imap_protocol()).unwrap().host,
         "outlook.office365.us"
     );
     let china = ms("cloud = \"china\"");
@@ -427,7 +427,10 @@ fn microsoft_clouds_tenants_and_device_endpoints() {
         .as_str()
         .starts_with("https://login.partner.microsoftonline.cn/"));
     assert_eq!(
-        china.accounts["jira"].pop3.as_ref().unwrap().host,
+        china.accounts["jira"]
+            .upstream(pop3_protocol())
+            .unwrap()
+            .host,
         "partner.outlook.cn"
     );
     // Google has no device endpoint for mail.
@@ -506,4 +509,12 @@ fn behind_a_reverse_proxy_loopback_peers_need_the_admin_password() {
         !http("public_url = \"https://mail-gw.example.com\"\nadmin_password_on_loopback = false")
             .admin_password_on_loopback
     );
+}
+
+fn imap_protocol() -> mailgate::protocol::Protocol {
+    mailgate::protocol::Protocol::from_name("imap").unwrap()
+}
+
+fn pop3_protocol() -> mailgate::protocol::Protocol {
+    mailgate::protocol::Protocol::from_name("pop3").unwrap()
 }

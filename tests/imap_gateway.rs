@@ -1016,3 +1016,42 @@ async fn spares_can_be_turned_off() {
     );
     gateway.stop().await;
 }
+
+/// A login stuck at a token endpoint that never answers ends with the
+/// gateway: the client hears the goodbye at shutdown, not after the
+/// token request's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_login_that_waits_for_the_token_endpoint() {
+    let (stalled, hits) = http_fake(None).await;
+    let account = Account {
+        grant: "client_credentials",
+        refresh_token: None,
+        token_url: Some(format!("http://{stalled}/token")),
+        ..Account::authorized_without_grant("waiting", "waiting@example.test")
+    };
+    let options = support::Options {
+        oauth: "request_timeout = \"60s\"\nrefresh_in_background = false".into(),
+        ..support::Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let (mut c, _) = RawClient::connect(gateway.imaps).await;
+    c.send(format!("a LOGIN waiting {}\r\n", account.password).as_bytes())
+        .await;
+    let asked = async {
+        while hits.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .expect("the token endpoint was asked");
+    let (goodbye, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), c.line()),
+        gateway.stop()
+    );
+    assert_eq!(
+        goodbye.expect("a goodbye before the token request timed out"),
+        "* BYE mailgate shutting down"
+    );
+}

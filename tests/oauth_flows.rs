@@ -160,7 +160,10 @@ async fn paste_back_authorization_with_pkce_then_status_and_test() {
     let text = String::from_utf8_lossy(&test.stdout);
     assert!(test.status.success(), "{text}");
     // Neither command prints a secret.
-    let record = support::store(dir.path()).load("paste").unwrap().unwrap();
+    let record = support::store(dir.path())
+        .load_record("paste")
+        .unwrap()
+        .unwrap();
     let secrets = [
         record.access_token.clone().unwrap(),
         record.refresh_token.clone().unwrap(),
@@ -599,7 +602,7 @@ async fn kill_9_during_store_writes_leaves_a_readable_store() {
         child.wait().unwrap();
         for name in names {
             let record = store
-                .load(name)
+                .load_record(name)
                 .unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
             if let Some(record) = record {
                 assert!(
@@ -611,7 +614,7 @@ async fn kill_9_during_store_writes_leaves_a_readable_store() {
     }
     let written = names
         .iter()
-        .filter(|n| store.load(n).unwrap().is_some())
+        .filter(|n| store.load_record(n).unwrap().is_some())
         .count();
     assert!(written > 0, "the gateway never wrote the store");
 }

@@ -295,7 +295,10 @@ async fn json_logs_hold_one_summary_per_connection_and_no_secret() {
     assert_eq!(code, Some(0));
     let log = std::fs::read_to_string(state_dir.join("log")).unwrap();
     // The tokens mailgate got itself, from its store.
-    let record = support::store(&state_dir).load("logs").unwrap().unwrap();
+    let record = support::store(&state_dir)
+        .load_record("logs")
+        .unwrap()
+        .unwrap();
     let mut secrets = vec![
         record.access_token.clone().unwrap(),
         record.refresh_token.clone().unwrap(),

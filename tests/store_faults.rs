@@ -67,7 +67,7 @@ async fn a_failed_write_keeps_the_old_record() {
         ..Default::default()
     };
     let store = support::store(state.path());
-    store.save("diskfull", &old).unwrap();
+    store.save_record("diskfull", &old).unwrap();
     let path = state.path().join("tokens/diskfull.token");
     let before = std::fs::read(&path).unwrap();
     // The temporary file can't be created: the write fails like on a full disk.

@@ -56,7 +56,13 @@ async fn short_lived_tokens_are_reused_while_fresh_and_refreshed_before_expiry()
     let grant = h.authorize(SHORT_CLIENT, "tokens@example.test");
     let state = tempfile::tempdir().unwrap();
     let config = config(state.path(), SHORT_CLIENT, &grant.refresh_token);
-    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap();
+    let tokens = Tokens::new(
+        &config,
+        &mailgate::tls::client(None).unwrap(),
+        metrics(),
+        store_of(&config),
+    )
+    .unwrap();
     let account = &config.accounts["acct"];
     let first = tokens.access_token(account).await.unwrap();
     let again = tokens.access_token(account).await.unwrap();
@@ -67,7 +73,10 @@ async fn short_lived_tokens_are_reused_while_fresh_and_refreshed_before_expiry()
     let refreshed = tokens.access_token(account).await.unwrap();
     assert_ne!(first, refreshed, "a token past its use-by time was served");
     // Each refresh rotated the refresh token, and the store has the newest.
-    let stored = support::store(state.path()).load("acct").unwrap().unwrap();
+    let stored = support::store(state.path())
+        .load_record("acct")
+        .unwrap()
+        .unwrap();
     assert_eq!(
         stored.access_token.as_deref(),
         Some(refreshed.expose().as_str())
@@ -84,7 +93,13 @@ async fn a_revoked_grant_is_reported_as_needing_authorization() {
     let grant = h.authorize(support::CLIENT, "tokens@example.test");
     let state = tempfile::tempdir().unwrap();
     let config = config(state.path(), support::CLIENT, &grant.refresh_token);
-    let tokens = Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap();
+    let tokens = Tokens::new(
+        &config,
+        &mailgate::tls::client(None).unwrap(),
+        metrics(),
+        store_of(&config),
+    )
+    .unwrap();
     h.revoke(support::CLIENT, &grant.refresh_token, "refresh_token")
         .await;
     let err = tokens
@@ -105,7 +120,13 @@ async fn concurrent_requests_share_one_refresh() {
     let state = tempfile::tempdir().unwrap();
     let config = std::sync::Arc::new(config(state.path(), support::CLIENT, &grant.refresh_token));
     let tokens = std::sync::Arc::new(
-        Tokens::new(&config, &mailgate::tls::client(None).unwrap(), metrics()).unwrap(),
+        Tokens::new(
+            &config,
+            &mailgate::tls::client(None).unwrap(),
+            metrics(),
+            store_of(&config),
+        )
+        .unwrap(),
     );
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..50 {
@@ -127,4 +148,9 @@ async fn concurrent_requests_share_one_refresh() {
 
 fn metrics() -> std::sync::Arc<mailgate::metrics::Metrics> {
     std::sync::Arc::new(mailgate::metrics::Metrics::new().unwrap())
+}
+
+/// The config's token store, opened once as the wiring does.
+fn store_of(config: &mailgate::config::Config) -> std::sync::Arc<dyn mailgate::oauth::TokenStore> {
+    mailgate::oauth::open_store(config).unwrap().tokens
 }

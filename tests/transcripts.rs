@@ -292,6 +292,7 @@ fn run_client(name: &str, text: &str, chunk: usize, new: fn(&str) -> Box<dyn Cli
                     "bad" => LoginFailure::BadCredentials,
                     "unavailable" => LoginFailure::Unavailable,
                     "needs-auth" => LoginFailure::NeedsAuthorization,
+                    "not-authorized" => LoginFailure::NotAuthorizedYet,
                     "in-use" => LoginFailure::InUse,
                     other => panic!("unknown failure {other}"),
                 }),

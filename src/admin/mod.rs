@@ -1,8 +1,9 @@
 //! The HTTP listener: the OAuth redirect URL (the end of the 3-legged
-//! flow), and liveness. Served over HTTPS with the listeners' certificate,
-//! or plain HTTP on loopback.
+//! flow), metrics, health and the integrations page. Served over HTTPS
+//! with the listeners' certificate, or plain HTTP on loopback. The flow
+//! itself lives in [`crate::oauth::flow`]; this is its web side.
 
-pub mod authorize;
+mod guard;
 pub mod page;
 
 use std::net::SocketAddr;
@@ -20,10 +21,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-pub use authorize::{Pending, PendingStore};
-
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::oauth::{self, Flows};
 use crate::services::Current;
 
 /// What the handlers share.
@@ -31,7 +31,7 @@ use crate::services::Current;
 pub struct AdminState {
     pub services: Current,
     pub metrics: Arc<Metrics>,
-    pub pending: Arc<PendingStore>,
+    pub flows: Flows,
     pub page: Arc<page::PageState>,
 }
 
@@ -52,10 +52,8 @@ pub fn router(state: AdminState) -> Router {
 /// Prometheus text format; per-account gauges are set at scrape time.
 async fn metrics(State(s): State<AdminState>) -> Response {
     let services = s.services.get();
-    services.tokens.export_gauges();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    services.tokens.export_gauges().await;
+    let now = oauth::unix_now();
     for i in services.config.integrations.values() {
         if let Some(expires) = i.client_secret_expires {
             let left = i64::try_from(expires)
@@ -79,20 +77,18 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 /// and every account's token record is readable. Lists the accounts that
 /// need authorization; they don't make the gateway unready.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let services = s.services.get();
-    let store = services.tokens.store();
-    let unreadable: Vec<String> = services
-        .config
-        .accounts
-        .keys()
-        .filter_map(|name| store.load(name).err().map(|e| e.to_string()))
+    let statuses = s.services.get().tokens.statuses().await;
+    let unreadable: Vec<&String> = statuses
+        .iter()
+        .filter_map(|(_, status)| status.store_error.as_ref())
         .collect();
-    let needs: Vec<serde_json::Value> = services
-        .tokens
-        .needing_authorization()
-        .into_iter()
-        .map(|(account, reason)| {
-            serde_json::json!({"account": account, "reason": reason, "fix": crate::oauth::fix_command(&account)})
+    let needs: Vec<serde_json::Value> = statuses
+        .iter()
+        .filter_map(|(account, status)| {
+            let reason = status.needs_authorization()?;
+            Some(
+                serde_json::json!({"account": account.name, "reason": reason, "fix": status.fix()}),
+            )
         })
         .collect();
     let ready = unreadable.is_empty();
@@ -246,18 +242,19 @@ async fn callback(
     };
     // A flow started from the integrations page returns there. A replayed
     // callback of a flow that already ended only goes back to the page.
-    let started = q
-        .state
-        .as_deref()
-        .and_then(|state| s.pending.load(state).ok().flatten())
-        .filter(|p| p.from_page);
+    let started = match q.state.as_deref() {
+        Some(state) => s.flows.load(state).await.ok().flatten(),
+        None => None,
+    }
+    .filter(|p| p.from_page);
     if let Some(p) = started.as_ref().filter(|p| p.outcome.is_some()) {
         return page::see_other(&page::account_url(&services.config, &p.account));
     }
     let from_page = started.map(|p| p.account);
-    let outcome = authorize::finish(
-        &s.pending,
-        &services,
+    let outcome = oauth::flow::finish(
+        &s.flows,
+        &services.config,
+        &services.tokens,
         integration,
         q.code.as_deref(),
         q.state.as_deref(),
@@ -267,7 +264,7 @@ async fn callback(
     .await;
     if let Some(account) = from_page {
         if let Some(state) = q.state.as_deref() {
-            s.pending.remove(state);
+            s.flows.remove(state).await;
         }
         s.page
             .authorization_ended(&account, outcome.map(|_| ()).map_err(|e| e.to_string()));

@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::protocol::Protocol;
 use crate::secret::Secret;
+
+/// Keys a table leaves to validation: one per protocol (`[accounts.NAME.imap]`,
+/// `limits.imap_idle_timeout`), checked against the registry there.
+pub type PerProtocol = BTreeMap<String, figment::value::Value>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,13 +41,6 @@ pub struct Listener {
     pub protocol: Protocol,
     pub address: String,
     pub tls: ListenerTls,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Imap,
-    Pop3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,8 +96,10 @@ pub struct Certificate {
     pub key: PathBuf,
 }
 
+/// Unknown keys land in `per_protocol`, which validation rejects unless
+/// they name a protocol's idle timeout (serde can't deny unknown fields
+/// beside a flattened map).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Limits {
     pub max_connections: Option<usize>,
     pub max_line: Option<usize>,
@@ -118,11 +118,9 @@ pub struct Limits {
     #[serde(default, with = "humantime_serde")]
     pub login_failure_max_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    pub imap_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub pop3_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
     pub upstream_spare_for: Option<Duration>,
+    #[serde(flatten)]
+    pub per_protocol: PerProtocol,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +145,17 @@ pub enum Provider {
     Google,
     Microsoft,
     Custom,
+}
+
+impl Provider {
+    /// The provider's name as people write it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Google => "Google",
+            Self::Microsoft => "Microsoft",
+            Self::Custom => "Custom",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,8 +198,50 @@ pub enum Grant {
     JwtBearer,
 }
 
+impl Grant {
+    /// The one table of grant names: the config name, the grant a token
+    /// request uses (the `grant` label of `mailgate_token_requests_total`),
+    /// and what that request exchanges, in words.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::AuthorizationCode => (
+                "authorization_code",
+                "refresh_token",
+                "refresh token exchanged for an access token",
+            ),
+            Self::ClientCredentials => (
+                "client_credentials",
+                "client_credentials",
+                "client credentials exchanged for an access token",
+            ),
+            Self::JwtBearer => (
+                "jwt_bearer",
+                "jwt_bearer",
+                "service account assertion exchanged for an access token",
+            ),
+        }
+    }
+
+    /// The config name: `authorization_code`, ...
+    pub fn name(self) -> &'static str {
+        self.names().0
+    }
+
+    /// The grant a token request uses: `refresh_token` for an authorized
+    /// account, else the account's own.
+    pub fn request_label(self) -> &'static str {
+        self.names().1
+    }
+
+    /// What a token request exchanges, in words.
+    pub fn exchanged(self) -> &'static str {
+        self.names().2
+    }
+}
+
+/// Unknown keys land in `upstreams`, which validation rejects unless they
+/// name a protocol (`[accounts.NAME.imap]`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Account {
     pub username: Option<String>,
     pub password_hash: Secret<String>,
@@ -199,8 +250,8 @@ pub struct Account {
     #[serde(default)]
     pub grant: Grant,
     pub refresh_token: Option<Secret<String>>,
-    pub imap: Option<Upstream>,
-    pub pop3: Option<Upstream>,
+    #[serde(flatten)]
+    pub upstreams: PerProtocol,
 }
 
 #[derive(Debug, Deserialize)]

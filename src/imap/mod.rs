@@ -10,3 +10,57 @@ mod upstream;
 pub use crate::proto::UpstreamTls;
 pub use session::{Options, Session};
 pub use upstream::Upstream;
+
+use std::time::Duration;
+
+use crate::proto::{
+    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions,
+    UpstreamLogin,
+};
+use crate::secret::Secret;
+
+/// IMAP, as the upper layers see it.
+pub static PROTOCOL: Descriptor = Descriptor {
+    name: "imap",
+    title: "IMAP",
+    new_session,
+    new_login,
+    logout: b"z LOGOUT\r\n",
+    logout_done: b"z OK",
+    // RFC 9051 §5.4: an autologout timer of at least 30 minutes.
+    default_idle_timeout: Duration::from_secs(30 * 60),
+    default_upstream,
+    microsoft_scope: "IMAP.AccessAsUser.All",
+};
+
+fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
+    Box::new(Session::new(Options {
+        tls_active: options.tls == ListenerTls::Implicit,
+        starttls: options.tls == ListenerTls::StartTls,
+        loopback_plaintext: options.tls == ListenerTls::Plaintext,
+        limits: options.limits,
+    }))
+}
+
+fn new_login(
+    mailbox: &str,
+    token: &Secret<String>,
+    tls: UpstreamTls,
+) -> Box<dyn UpstreamLogin + Send> {
+    Box::new(Upstream::new(mailbox, token, tls))
+}
+
+/// The providers' documented IMAP hosts, over implicit TLS.
+fn default_upstream(provider: KnownProvider) -> DefaultUpstream {
+    let host = match provider {
+        KnownProvider::Google => "imap.gmail.com",
+        KnownProvider::Microsoft => "outlook.office365.com",
+        KnownProvider::MicrosoftUsgov => "outlook.office365.us",
+        KnownProvider::MicrosoftChina => "partner.outlook.cn",
+    };
+    DefaultUpstream {
+        host,
+        port: 993,
+        tls: UpstreamTls::Implicit,
+    }
+}

@@ -1,13 +1,12 @@
 //! The client's IMAP conversation up to login, as a state machine.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 
 use super::parse::{self, Command};
 use super::{capability, encode};
+use crate::proto::machine::{self, trim_line_end, Machine, Stepped};
 use crate::proto::sasl::{self, Exchange, Mechanism, Step};
-use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
+use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, LoginFailure};
 
 /// How a session starts, fixed by its listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,22 +40,11 @@ enum State {
 
 /// The client side of one IMAP connection, until it is spliced. `Debug`
 /// leaves out the buffered client bytes, which may hold a password.
+#[derive(Debug)]
 pub struct Session {
     options: Options,
     state: State,
-    input: BytesMut,
-    framer: Framer,
-    actions: VecDeque<Action>,
-}
-
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("options", &self.options)
-            .field("state", &self.state)
-            .field("buffered", &self.input.len())
-            .finish_non_exhaustive()
-    }
+    machine: Machine<Action>,
 }
 
 impl Session {
@@ -65,9 +53,7 @@ impl Session {
         let mut session = Self {
             options,
             state: State::NotAuthenticated,
-            input: BytesMut::new(),
-            framer: Framer::new(options.limits),
-            actions: VecDeque::new(),
+            machine: Machine::new(options.limits),
         };
         let greeting = encode::greeting(&session.capabilities());
         session.send(greeting);
@@ -86,24 +72,23 @@ impl Session {
     }
 
     fn send(&mut self, bytes: Bytes) {
-        self.actions.push_back(Action::Send(bytes));
+        self.machine.push(Action::Send(bytes));
     }
 
     fn close_with(&mut self, bytes: Bytes) {
         self.send(bytes);
-        self.actions.push_back(Action::Close);
+        self.machine.stop(Action::Close);
         self.state = State::Closed;
-        self.input.clear();
     }
 
     /// Handles at most one frame. Returns whether anything happened.
-    fn step(&mut self) -> bool {
+    fn handle_frame(&mut self) -> bool {
         let literals = match self.state {
             State::NotAuthenticated => true,
             State::Sasl { .. } => false,
             _ => return false,
         };
-        let Some(frame) = self.framer.next(&mut self.input, literals) else {
+        let Some(frame) = self.machine.frame(literals) else {
             return false;
         };
         match frame {
@@ -174,7 +159,7 @@ impl Session {
             Command::StartTls => {
                 if self.options.starttls && !self.options.tls_active {
                     self.send(encode::tagged(tag, "OK", None, "Begin TLS negotiation now"));
-                    self.actions.push_back(Action::StartTls);
+                    self.machine.push(Action::StartTls);
                     self.state = State::StartingTls;
                 } else {
                     self.send(encode::tagged(tag, "BAD", None, "STARTTLS not available"));
@@ -240,9 +225,7 @@ impl Session {
 
     /// One client line of an AUTHENTICATE exchange (RFC 9051 §6.2.2).
     fn sasl_line(&mut self, tag: String, mut exchange: Exchange, line: &[u8]) {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        match exchange.respond(line) {
+        match exchange.respond(trim_line_end(line)) {
             Ok(Step::Challenge(challenge)) => {
                 self.send(encode::continuation(challenge));
                 self.state = State::Sasl { tag, exchange };
@@ -266,30 +249,33 @@ impl Session {
     }
 
     fn authenticate(&mut self, tag: String, credentials: Credentials) {
-        self.actions.push_back(Action::Authenticate(credentials));
+        self.machine.push(Action::Authenticate(credentials));
         self.state = State::AwaitingLogin { tag };
+    }
+}
+
+impl Stepped for Session {
+    type Action = Action;
+
+    fn machine(&mut self) -> &mut Machine<Action> {
+        &mut self.machine
+    }
+
+    fn step(&mut self) -> bool {
+        self.handle_frame()
     }
 }
 
 impl ClientSession for Session {
     /// Adds bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.extend_from_slice(bytes);
-        }
+        self.machine.feed(bytes);
     }
 
     /// The next thing to do, or `None` when the session needs more client
     /// bytes or is waiting for a `tls_established` / `login_*` call.
     fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if !self.step() {
-                return None;
-            }
-        }
+        machine::next_action(self)
     }
 
     /// The driver finished the TLS handshake that `Action::StartTls` asked for.
@@ -297,8 +283,7 @@ impl ClientSession for Session {
         self.options.tls_active = true;
         // Bytes that arrived before the handshake are plaintext injected
         // ahead of TLS; they must not be read as commands (RFC 2595 §3.1).
-        self.input.clear();
-        self.framer.reset();
+        self.machine.restart_after_tls();
         if matches!(self.state, State::StartingTls) {
             self.state = State::NotAuthenticated;
         }
@@ -314,8 +299,8 @@ impl ClientSession for Session {
         // `CAPABILITY` with no capability is invalid syntax: leave it out.
         let code = (!caps.is_empty()).then(|| format!("CAPABILITY {}", caps.join(" ")));
         self.send(encode::tagged(&tag, "OK", code.as_deref(), "Logged in"));
-        let to_upstream = self.input.split().freeze();
-        self.actions.push_back(Action::Splice { to_upstream });
+        let to_upstream = self.machine.take_input();
+        self.machine.push(Action::Splice { to_upstream });
     }
 
     /// The login failed; tell the client why and read its next command.
@@ -330,6 +315,10 @@ impl ClientSession for Session {
             LoginFailure::Unavailable => (
                 "UNAVAILABLE",
                 "Upstream mail service unavailable, try again later",
+            ),
+            LoginFailure::NotAuthorizedYet => (
+                "AUTHENTICATIONFAILED",
+                "This account must be authorized by the mailgate administrator first",
             ),
             LoginFailure::NeedsAuthorization => (
                 "AUTHENTICATIONFAILED",
@@ -348,7 +337,7 @@ impl ClientSession for Session {
     }
 
     fn too_busy(&mut self) {
-        self.actions.clear();
+        self.machine.clear_actions();
         self.close_with(encode::bye(
             "[UNAVAILABLE] Too many connections from your address, try again later",
         ));

@@ -1,15 +1,14 @@
 //! Our own login at the upstream: greeting, optional STARTTLS, CAPABILITY,
 //! `AUTHENTICATE XOAUTH2`, and the provider's error challenge.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 
 use super::capability;
 use super::parse::{self, Code, Response, Status};
+use crate::proto::machine::{self, Machine, Stepped};
 use crate::proto::sasl;
 use crate::proto::{
-    Frame, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
+    Frame, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -39,9 +38,7 @@ pub struct Upstream {
     capabilities: Vec<String>,
     /// `capabilities` came after our AUTHENTICATE: it is the post-login list.
     fresh_capabilities: bool,
-    input: BytesMut,
-    framer: Framer,
-    actions: VecDeque<UpstreamAction>,
+    machine: Machine<UpstreamAction>,
 }
 
 impl Upstream {
@@ -53,14 +50,12 @@ impl Upstream {
             response: sasl::xoauth2(mailbox, access_token),
             capabilities: Vec::new(),
             fresh_capabilities: false,
-            input: BytesMut::new(),
-            framer: Framer::new(UPSTREAM_LIMITS),
-            actions: VecDeque::new(),
+            machine: Machine::new(UPSTREAM_LIMITS),
         }
     }
 
     fn send(&mut self, bytes: Bytes) {
-        self.actions.push_back(UpstreamAction::Send(bytes));
+        self.machine.push(UpstreamAction::Send(bytes));
     }
 
     fn fail(&mut self, why: &str) {
@@ -70,7 +65,7 @@ impl Upstream {
     }
 
     fn finish(&mut self, action: UpstreamAction) {
-        self.actions.push_back(action);
+        self.machine.stop(action);
         self.state = State::Done;
     }
 
@@ -112,12 +107,12 @@ impl Upstream {
                 if status != Status::Ok {
                     return self.fail("upstream refused STARTTLS");
                 }
-                if !self.input.is_empty() {
+                if self.machine.has_input() {
                     // Anything after the OK and before the handshake would be
                     // injected plaintext (RFC 2595 §3.1).
                     return self.fail("upstream sent data after STARTTLS");
                 }
-                self.actions.push_back(UpstreamAction::StartTls);
+                self.machine.push(UpstreamAction::StartTls);
                 self.state = State::StartingTls;
             }
             (
@@ -229,12 +224,37 @@ impl Upstream {
     }
 
     fn logged_in(&mut self) {
-        let to_client = self.input.split().freeze();
+        let to_client = self.machine.take_input();
         let capabilities = std::mem::take(&mut self.capabilities);
         self.finish(UpstreamAction::LoggedIn {
             capabilities,
             to_client,
         });
+    }
+}
+
+impl Stepped for Upstream {
+    type Action = UpstreamAction;
+
+    fn machine(&mut self) -> &mut Machine<UpstreamAction> {
+        &mut self.machine
+    }
+
+    fn step(&mut self) -> bool {
+        if matches!(self.state, State::Done | State::StartingTls) {
+            return false;
+        }
+        match self.machine.frame(false) {
+            None => false,
+            Some(Frame::Complete(line)) => {
+                self.line(&line);
+                true
+            }
+            Some(_) => {
+                self.fail("upstream sent an overlong line");
+                true
+            }
+        }
     }
 }
 
@@ -248,25 +268,13 @@ impl UpstreamLogin for Upstream {
             State::StartingTls if !bytes.is_empty() => {
                 self.fail("upstream sent data after STARTTLS")
             }
-            _ => self.input.extend_from_slice(bytes),
+            _ => self.machine.feed(bytes),
         }
     }
 
     /// The next thing to do, or `None` when more upstream bytes are needed.
     fn next_action(&mut self) -> Option<UpstreamAction> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if matches!(self.state, State::Done | State::StartingTls) {
-                return None;
-            }
-            let frame = self.framer.next(&mut self.input, false)?;
-            match frame {
-                Frame::Complete(line) => self.line(&line),
-                _ => self.fail("upstream sent an overlong line"),
-            }
-        }
+        machine::next_action(self)
     }
 
     /// The TLS handshake after `STARTTLS` is done.

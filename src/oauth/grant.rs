@@ -3,7 +3,7 @@
 //! (Google service accounts), authorization code with PKCE, and the device
 //! authorization grant (RFC 8628).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use oauth2::basic::{
     BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
@@ -20,7 +20,7 @@ use url::Url;
 
 use super::http::{HttpError, TokenHttp};
 use super::jwt::{base64url, Signer};
-use super::TokenError;
+use super::{unix_now as now, TokenError};
 use crate::config::{Account, Integration, Provider};
 use crate::secret::Secret;
 
@@ -166,12 +166,6 @@ fn client(integration: &Integration, with_secret: bool) -> Client {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn scopes(integration: &Integration) -> impl Iterator<Item = Scope> + '_ {
     integration.scopes.iter().map(|s| Scope::new(s.clone()))
 }
@@ -223,9 +217,8 @@ pub async fn request(
     let client = client(integration, assertion.is_none());
     let response = match account.grant {
         Grant::AuthorizationCode => {
-            let refresh = refresh.ok_or_else(|| {
-                TokenError::NeedsAuthorization("not authorized yet: no refresh token stored".into())
-            })?;
+            let refresh =
+                refresh.ok_or_else(|| TokenError::NotAuthorizedYet(account.name.clone()))?;
             let refresh_token = RefreshToken::new(refresh.expose().clone());
             let mut request = client.exchange_refresh_token(&refresh_token);
             // RFC 6749 §6 makes scope optional on refresh and servers

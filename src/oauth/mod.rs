@@ -1,33 +1,62 @@
 //! OAuth 2.0 tokens: grants, a per-account cache with one refresh in flight
-//! (in this process, and across processes through the store lock), a
-//! background refresher, and the encrypted token store.
+//! (in this process, and across processes through the store's refresh
+//! lease), a background refresher, the token status every view renders,
+//! and the authorization-code flow between its start and the callback.
 //!
 //! The server sees one seam: [`Tokens::access_token`], "a valid access token
 //! for this account", and [`Tokens::replace_rejected`] when the upstream
-//! refused one.
+//! refused one. The store behind it is the [`TokenStore`] interface; the
+//! wiring opens it once ([`open_store`]) and hands it in.
 
+pub mod flow;
 pub mod grant;
 mod http;
 mod jwt;
 mod notify;
-mod store;
+pub mod status;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+pub use flow::{CallbackError, Flows};
 pub use http::{is_transient_status, TokenHttp};
-pub use store::{KeySource, Record, StoreError, StoreLock, TokenStore, KEY_ENV};
+pub use status::{fix_command, format_relative, format_time, unix_now, Authorization, TokenStatus};
+pub use store::{
+    FileStore, Lease, PendingFlow, PendingFlows, Record, SaveError, StoreError, TokenStore,
+    Version, Versioned,
+};
 
 use crate::config::{Account, Config, Grant};
+pub use crate::config::{KeySource, KEY_ENV};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use grant::Granted;
 use notify::Notifier;
+
+/// The stores a gateway shares: token records and pending flows.
+#[derive(Clone)]
+pub struct Stores {
+    pub tokens: Arc<dyn TokenStore>,
+    pub flows: Arc<dyn PendingFlows>,
+}
+
+/// Opens the configured store; call it once and share the result.
+///
+/// # Errors
+/// When the store key can't be had.
+pub fn open_store(config: &Config) -> Result<Stores, StoreError> {
+    let file = Arc::new(FileStore::open(&config.state_dir, &config.store_key)?);
+    Ok(Stores {
+        tokens: file.clone(),
+        flows: file,
+    })
+}
 
 /// Why no token could be had. Transient failures are worth retrying;
 /// the others need the administrator.
@@ -36,6 +65,10 @@ pub enum TokenError {
     /// Network, timeout, 408, 429, 5xx, or an unreadable answer.
     #[error("token endpoint unavailable: {0}")]
     Transient(String),
+    /// The account uses the authorization-code grant and was never
+    /// authorized: no refresh token is stored or configured.
+    #[error("account {0} is not authorized yet: run `mailgate authorize {0}`")]
+    NotAuthorizedYet(String),
     /// `invalid_grant` and other refusals: the account must be authorized
     /// again. Nothing is deleted.
     #[error("account needs authorization: {0}")]
@@ -45,51 +78,19 @@ pub enum TokenError {
     Store(#[from] StoreError),
 }
 
-/// The command that fixes an account that needs authorization.
-pub fn fix_command(account: &str) -> String {
-    format!("mailgate authorize {account}")
+/// How long a refresh lease is asked for: longer than any token request
+/// (its timeout) by a safe margin, so that a live holder's request always
+/// ends inside its lease.
+fn lease_ttl(request_timeout: Duration) -> Duration {
+    request_timeout * 2 + Duration::from_secs(10)
 }
 
-/// Why `account` needs `mailgate authorize`, given its stored record, if
-/// it does: the provider refused its grant, or it uses the
-/// authorization-code grant and has a refresh token neither stored nor in
-/// the config.
-pub fn authorization_needed(account: &Account, record: Option<&Record>) -> Option<String> {
-    if let Some(why) = record.and_then(|r| r.needs_authorization.as_ref()) {
-        return Some(why.clone());
-    }
-    let refresh_token =
-        record.is_some_and(|r| r.refresh_token.is_some()) || account.refresh_token.is_some();
-    (account.grant == Grant::AuthorizationCode && !refresh_token)
-        .then(|| "not authorized yet".to_owned())
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A Unix time as RFC 3339 UTC, to the second.
-pub fn format_time(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
-/// A Unix time relative to now: "in 59m 58s" or "3m 2s ago".
-pub fn format_relative(unix: u64) -> String {
-    let now = unix_now();
-    if unix > now {
-        format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs(unix - now))
-        )
-    } else {
-        format!(
-            "{} ago",
-            humantime::format_duration(Duration::from_secs(now - unix))
-        )
-    }
+/// This process's name as a lease owner: the process id and a random tag.
+fn lease_owner() -> String {
+    let mut tag = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag);
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{tag}", std::process::id())
 }
 
 /// One account's token state in this process: a mirror of its store
@@ -117,9 +118,9 @@ mod tests {
 
 #[derive(Default)]
 struct AccountState {
-    /// The store file's modification time when last read or written; a
-    /// change means another process (`mailgate authorize`) wrote it.
-    seen: Option<SystemTime>,
+    /// The record's version when last read or written; the store tells
+    /// when another process (`mailgate authorize`) saved a newer one.
+    version: Version,
     loaded: bool,
     record: Record,
     /// Until when the stored access token is handed out.
@@ -137,7 +138,9 @@ struct AccountTokens {
 /// Access tokens for every account.
 pub struct Tokens {
     http: TokenHttp,
-    store: Arc<TokenStore>,
+    store: Arc<dyn TokenStore>,
+    owner: String,
+    lease_ttl: Duration,
     refresh_margin: Duration,
     retry_backoff: Duration,
     notifier: Notifier,
@@ -157,14 +160,15 @@ fn backoff(first: Duration, failures: u32) -> Duration {
 }
 
 impl Tokens {
-    /// Token state for the accounts of `config`.
+    /// Token state for the accounts of `config`, kept in `store`.
     ///
     /// # Errors
-    /// When the store key can't be had or the HTTP client can't be built.
+    /// When the HTTP client can't be built.
     pub fn new(
         config: &Config,
         tls: &rustls::ClientConfig,
         metrics: Arc<Metrics>,
+        store: Arc<dyn TokenStore>,
     ) -> Result<Self, TokenError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -173,12 +177,13 @@ impl Tokens {
             .use_preconfigured_tls(tls.clone())
             .build()
             .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
-        let store = TokenStore::open(&config.state_dir, &config.store_key)?;
         Ok(Self {
             notifier: Notifier::new(&config.oauth, http.clone()),
             metrics,
             http: TokenHttp(http),
-            store: Arc::new(store),
+            store,
+            owner: lease_owner(),
+            lease_ttl: lease_ttl(config.oauth.request_timeout),
             refresh_margin: config.oauth.refresh_margin,
             retry_backoff: config.oauth.retry_backoff,
             accounts: config
@@ -197,11 +202,6 @@ impl Tokens {
         })
     }
 
-    /// The store, for the commands that read it.
-    pub fn store(&self) -> &TokenStore {
-        &self.store
-    }
-
     /// The HTTP client for token requests.
     pub fn http(&self) -> &TokenHttp {
         &self.http
@@ -214,14 +214,17 @@ impl Tokens {
     pub async fn access_token(&self, account: &Account) -> Result<Secret<String>, TokenError> {
         let entry = self.entry(account)?;
         let mut state = entry.state.lock().await;
-        self.sync(account, &mut state)?;
+        self.sync(account, &mut state).await?;
         if let Some(token) = usable(&state) {
             return Ok(token);
         }
-        if let Some(why) = &state.record.needs_authorization {
-            return Err(TokenError::NeedsAuthorization(why.clone()));
+        match TokenStatus::of(account, Ok(Some(&state.record))).authorization {
+            Authorization::Revoked(why) => Err(TokenError::NeedsAuthorization(why)),
+            Authorization::NotAuthorizedYet => {
+                Err(TokenError::NotAuthorizedYet(account.name.clone()))
+            }
+            Authorization::Authorized => self.refresh(&entry.account, &mut state, None).await,
         }
-        self.refresh(&entry.account, &mut state, None).await
     }
 
     /// The upstream refused `rejected`: a new token, unless another login
@@ -236,7 +239,7 @@ impl Tokens {
     ) -> Result<Secret<String>, TokenError> {
         let entry = self.entry(account)?;
         let mut state = entry.state.lock().await;
-        self.sync(account, &mut state)?;
+        self.sync(account, &mut state).await?;
         match usable(&state) {
             Some(token) if token != *rejected => Ok(token),
             _ => {
@@ -253,7 +256,7 @@ impl Tokens {
     pub async fn force_refresh(&self, account: &Account) -> Result<Secret<String>, TokenError> {
         let entry = self.entry(account)?;
         let mut state = entry.state.lock().await;
-        self.sync(account, &mut state)?;
+        self.sync(account, &mut state).await?;
         state.use_until = None;
         let current = state.record.access_token.clone().map(Secret::new);
         self.refresh(&entry.account, &mut state, current.as_ref())
@@ -268,11 +271,15 @@ impl Tokens {
     pub async fn install(&self, account: &Account, granted: Granted) -> Result<(), TokenError> {
         let entry = self.entry(account)?;
         let mut state = entry.state.lock().await;
-        let _lock = self.lock_store(&account.name).await?;
-        self.sync(account, &mut state)?;
-        let started = Instant::now();
-        self.store_granted(account, &mut state, granted, started)
-            .await?;
+        let lease = self.lease(&account.name).await?;
+        let installed = async {
+            self.sync(account, &mut state).await?;
+            self.store_granted(account, &mut state, granted, Instant::now())
+                .await
+        }
+        .await;
+        self.store.release(lease).await;
+        installed?;
         info!(account = %account.name, "authorized");
         Ok(())
     }
@@ -286,7 +293,7 @@ impl Tokens {
             let Ok(mut state) = entry.state.try_lock() else {
                 continue;
             };
-            if let Err(e) = self.sync(&entry.account, &mut state) {
+            if let Err(e) = self.sync(&entry.account, &mut state).await {
                 warn!(account = %entry.account.name, error = %e, "token store unreadable");
                 continue;
             }
@@ -310,7 +317,7 @@ impl Tokens {
                         next = next.min(until);
                     }
                 }
-                Err(TokenError::NeedsAuthorization(_)) => {}
+                Err(TokenError::NeedsAuthorization(_) | TokenError::NotAuthorizedYet(_)) => {}
                 Err(e) => {
                     state.failures += 1;
                     let wait = backoff(self.retry_backoff, state.failures - 1);
@@ -336,47 +343,44 @@ impl Tokens {
         }
     }
 
-    /// Sets the per-account gauges (token expiry, needs authorization) from
-    /// the current state; called at each scrape. Busy accounts keep their
-    /// last values.
-    pub fn export_gauges(&self) {
-        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
-        for (name, entry) in &self.accounts {
-            let Ok(mut state) = entry.state.try_lock() else {
-                continue;
-            };
-            if self.sync(&entry.account, &mut state).is_err() {
-                continue;
-            }
-            let record = &state.record;
-            let needs = i64::from(authorization_needed(&entry.account, Some(record)).is_some());
-            self.metrics
-                .needs_authorization
-                .with_label_values(&[name])
-                .set(needs);
-            let expiry = if record.access_token.is_some() {
-                i64::try_from(record.expires_at)
-                    .unwrap_or(i64::MAX)
-                    .saturating_sub(now)
-            } else {
-                0
-            };
-            self.metrics
-                .token_expiry_seconds
-                .with_label_values(&[name])
-                .set(expiry);
+    /// The token status of `account`, from the store.
+    pub async fn status(&self, account: &Account) -> TokenStatus {
+        let loaded = self.store.load(&account.name).await;
+        match &loaded {
+            Ok(v) => TokenStatus::of(account, Ok(v.as_ref().map(|v| &v.record))),
+            Err(e) => TokenStatus::of(account, Err(e)),
         }
     }
 
-    /// Accounts marked as needing authorization, with the reason.
-    pub fn needing_authorization(&self) -> Vec<(String, String)> {
-        self.accounts
-            .iter()
-            .filter_map(|(name, entry)| {
-                let record = self.store.load(name).ok().flatten();
-                authorization_needed(&entry.account, record.as_ref()).map(|why| (name.clone(), why))
-            })
-            .collect()
+    /// The token status of every account, in name order.
+    pub async fn statuses(&self) -> Vec<(Arc<Account>, TokenStatus)> {
+        let mut entries: Vec<&AccountTokens> = self.accounts.values().collect();
+        entries.sort_by(|a, b| a.account.name.cmp(&b.account.name));
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            out.push((entry.account.clone(), self.status(&entry.account).await));
+        }
+        out
+    }
+
+    /// Sets the per-account gauges (token expiry, needs authorization) from
+    /// the accounts' statuses; called at each scrape.
+    pub async fn export_gauges(&self) {
+        let now = unix_now();
+        for (account, status) in self.statuses().await {
+            if status.store_error.is_some() {
+                continue;
+            }
+            let name = [account.name.as_str()];
+            self.metrics
+                .needs_authorization
+                .with_label_values(&name)
+                .set(i64::from(status.needs_authorization().is_some()));
+            self.metrics
+                .token_expiry_seconds
+                .with_label_values(&name)
+                .set(status.expiry_seconds(now));
+        }
     }
 
     fn entry(&self, account: &Account) -> Result<&AccountTokens, TokenError> {
@@ -385,14 +389,16 @@ impl Tokens {
         })
     }
 
-    /// Reloads the record when the store file changed under us. A refresh
-    /// token in the config seeds an account that has none stored.
-    fn sync(&self, account: &Account, state: &mut AccountState) -> Result<(), StoreError> {
-        let modified = self.store.modified(&account.name);
-        if state.loaded && modified == state.seen {
+    /// Reloads the record when another writer saved it. A refresh token in
+    /// the config seeds an account that has none stored.
+    async fn sync(&self, account: &Account, state: &mut AccountState) -> Result<(), StoreError> {
+        if state.loaded && !self.store.changed(&account.name, state.version) {
             return Ok(());
         }
-        let mut record = self.store.load(&account.name)?.unwrap_or_default();
+        let Versioned {
+            mut record,
+            version,
+        } = self.store.load(&account.name).await?.unwrap_or_default();
         if record.refresh_token.is_none() && account.grant == Grant::AuthorizationCode {
             record.refresh_token = account.refresh_token.as_ref().map(|t| t.expose().clone());
         }
@@ -409,7 +415,7 @@ impl Tokens {
             state.retry_at = None;
         }
         state.record = record;
-        state.seen = modified;
+        state.version = version;
         state.loaded = true;
         Ok(())
     }
@@ -422,57 +428,80 @@ impl Tokens {
             .unwrap_or(lifetime / 2)
     }
 
-    async fn lock_store(&self, name: &str) -> Result<StoreLock, TokenError> {
-        let store = self.store.clone();
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || store.lock(&name))
-            .await
-            .map_err(|e| TokenError::Transient(format!("store lock task: {e}")))?
-            .map_err(TokenError::from)
+    async fn lease(&self, account: &str) -> Result<Lease, TokenError> {
+        Ok(self
+            .store
+            .lease(account, &self.owner, self.lease_ttl)
+            .await?)
     }
 
+    /// Saves the state's record against the version it was loaded at.
     async fn save(&self, name: &str, state: &mut AccountState) -> Result<(), TokenError> {
-        let store = self.store.clone();
-        let (name, record) = (name.to_owned(), state.record.clone());
-        let name2 = name.clone();
-        tokio::task::spawn_blocking(move || store.save(&name, &record))
-            .await
-            .map_err(|e| TokenError::Transient(format!("store write task: {e}")))??;
-        state.seen = self.store.modified(&name2);
-        Ok(())
+        match self.store.save(name, &state.record, state.version).await {
+            Ok(version) => {
+                state.version = version;
+                Ok(())
+            }
+            Err(SaveError::Conflict) => {
+                // Another writer got there first: its record stands, and
+                // ours is read again at the next use. Under the refresh
+                // lease only a writer without one (a tool) can cause this.
+                warn!(account = %name, "token record saved elsewhere meanwhile; this save was dropped");
+                state.loaded = false;
+                Err(TokenError::Transient(
+                    "another process saved this account's tokens meanwhile".into(),
+                ))
+            }
+            Err(SaveError::Store(e)) => Err(e.into()),
+        }
     }
 
-    /// One token request under the account's store lock, so that no other
-    /// process refreshes with the same refresh token meanwhile. `stale` is
-    /// a token known to be bad: if the store holds another usable one by
-    /// the time we have the lock, that one is used without a request.
+    /// One token request under the account's refresh lease, so that no
+    /// other process refreshes with the same refresh token meanwhile.
+    /// `stale` is a token known to be bad: if the store holds another
+    /// usable one by the time we have the lease, that one is used without
+    /// a request.
     async fn refresh(
         &self,
         account: &Account,
         state: &mut AccountState,
         stale: Option<&Secret<String>>,
     ) -> Result<Secret<String>, TokenError> {
-        let _lock = self.lock_store(&account.name).await?;
-        self.sync(account, state)?;
+        let lease = self.lease(&account.name).await?;
+        let result = self.refresh_leased(account, state, stale).await;
+        self.store.release(lease).await;
+        result
+    }
+
+    async fn refresh_leased(
+        &self,
+        account: &Account,
+        state: &mut AccountState,
+        stale: Option<&Secret<String>>,
+    ) -> Result<Secret<String>, TokenError> {
+        self.sync(account, state).await?;
         if let Some(token) = usable(state).filter(|t| Some(t) != stale) {
             return Ok(token);
         }
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
         let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
+        if let Err(e @ TokenError::NotAuthorizedYet(_)) = result {
+            // No request was made: there is nothing to refresh with.
+            return Err(e);
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(TokenError::NeedsAuthorization(_)) => "needs_authorization",
             Err(_) => "transient",
         };
-        let grant = match account.grant {
-            Grant::AuthorizationCode => "refresh_token",
-            Grant::ClientCredentials => "client_credentials",
-            Grant::JwtBearer => "jwt_bearer",
-        };
         self.metrics
             .token_requests
-            .with_label_values(&[&account.integration.name, grant, outcome])
+            .with_label_values(&[
+                &account.integration.name,
+                account.grant.request_label(),
+                outcome,
+            ])
             .inc();
         match result {
             Ok(granted) => self.store_granted(account, state, granted, started).await,

@@ -11,3 +11,57 @@ mod upstream;
 
 pub use session::{Options, Session};
 pub use upstream::Upstream;
+
+use std::time::Duration;
+
+use crate::proto::{
+    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions,
+    UpstreamLogin, UpstreamTls,
+};
+use crate::secret::Secret;
+
+/// POP3, as the upper layers see it.
+pub static PROTOCOL: Descriptor = Descriptor {
+    name: "pop3",
+    title: "POP3",
+    new_session,
+    new_login,
+    logout: b"QUIT\r\n",
+    logout_done: b"+OK",
+    // RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
+    default_idle_timeout: Duration::from_secs(10 * 60),
+    default_upstream,
+    microsoft_scope: "POP.AccessAsUser.All",
+};
+
+fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
+    Box::new(Session::new(Options {
+        tls_active: options.tls == ListenerTls::Implicit,
+        stls: options.tls == ListenerTls::StartTls,
+        loopback_plaintext: options.tls == ListenerTls::Plaintext,
+        limits: options.limits,
+    }))
+}
+
+fn new_login(
+    mailbox: &str,
+    token: &Secret<String>,
+    tls: UpstreamTls,
+) -> Box<dyn UpstreamLogin + Send> {
+    Box::new(Upstream::new(mailbox, token, tls))
+}
+
+/// The providers' documented POP3 hosts, over implicit TLS.
+fn default_upstream(provider: KnownProvider) -> DefaultUpstream {
+    let host = match provider {
+        KnownProvider::Google => "pop.gmail.com",
+        KnownProvider::Microsoft => "outlook.office365.com",
+        KnownProvider::MicrosoftUsgov => "outlook.office365.us",
+        KnownProvider::MicrosoftChina => "partner.outlook.cn",
+    };
+    DefaultUpstream {
+        host,
+        port: 995,
+        tls: UpstreamTls::Implicit,
+    }
+}

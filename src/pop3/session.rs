@@ -1,14 +1,13 @@
 //! The client's POP3 conversation in the AUTHORIZATION state, as a state
 //! machine.
 
-use std::collections::VecDeque;
-
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::parse::{self, Command};
 use super::{capability, encode};
+use crate::proto::machine::{self, trim_line_end, Machine, Stepped};
 use crate::proto::sasl::{self, Exchange, ExchangeError, Mechanism, Step};
-use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, Framer, LoginFailure};
+use crate::proto::{Action, ClientSession, Credentials, Frame, FrameLimits, LoginFailure};
 use crate::secret::Secret;
 
 /// How a session starts, fixed by its listener.
@@ -42,22 +41,11 @@ enum State {
 
 /// The client side of one POP3 connection, until it is spliced. `Debug`
 /// leaves out the buffered client bytes, which may hold a password.
+#[derive(Debug)]
 pub struct Session {
     options: Options,
     state: State,
-    input: BytesMut,
-    framer: Framer,
-    actions: VecDeque<Action>,
-}
-
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("options", &self.options)
-            .field("state", &self.state)
-            .field("buffered", &self.input.len())
-            .finish_non_exhaustive()
-    }
+    machine: Machine<Action>,
 }
 
 impl Session {
@@ -67,9 +55,7 @@ impl Session {
         let mut session = Self {
             options,
             state: State::Authorization { user: None },
-            input: BytesMut::new(),
-            framer: Framer::new(options.limits),
-            actions: VecDeque::new(),
+            machine: Machine::new(options.limits),
         };
         session.send(encode::ok("mailgate ready"));
         session
@@ -80,21 +66,20 @@ impl Session {
     }
 
     fn send(&mut self, bytes: Bytes) {
-        self.actions.push_back(Action::Send(bytes));
+        self.machine.push(Action::Send(bytes));
     }
 
     fn close_with(&mut self, bytes: Bytes) {
         self.send(bytes);
-        self.actions.push_back(Action::Close);
+        self.machine.stop(Action::Close);
         self.state = State::Closed;
-        self.input.clear();
     }
 
-    fn step(&mut self) -> bool {
+    fn handle_frame(&mut self) -> bool {
         if !matches!(self.state, State::Authorization { .. } | State::Sasl { .. }) {
             return false;
         }
-        let Some(frame) = self.framer.next(&mut self.input, false) else {
+        let Some(frame) = self.machine.frame(false) else {
             return false;
         };
         let state = std::mem::replace(&mut self.state, State::Authorization { user: None });
@@ -127,7 +112,7 @@ impl Session {
             Command::Stls => {
                 if self.options.stls && !self.options.tls_active {
                     self.send(encode::ok("Begin TLS negotiation"));
-                    self.actions.push_back(Action::StartTls);
+                    self.machine.push(Action::StartTls);
                     self.state = State::StartingTls;
                 } else {
                     self.send(encode::err(None, "STLS not available"));
@@ -179,9 +164,7 @@ impl Session {
 
     /// One client line of an AUTH exchange (RFC 5034 §4).
     fn sasl_line(&mut self, mut exchange: Exchange, line: &[u8]) {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        match exchange.respond(line) {
+        match exchange.respond(trim_line_end(line)) {
             Ok(Step::Challenge(challenge)) => {
                 self.send(encode::continuation(challenge));
                 self.state = State::Sasl { exchange };
@@ -197,35 +180,37 @@ impl Session {
     }
 
     fn authenticate(&mut self, credentials: Credentials) {
-        self.actions.push_back(Action::Authenticate(credentials));
+        self.machine.push(Action::Authenticate(credentials));
         self.state = State::AwaitingLogin;
+    }
+}
+
+impl Stepped for Session {
+    type Action = Action;
+
+    fn machine(&mut self) -> &mut Machine<Action> {
+        &mut self.machine
+    }
+
+    fn step(&mut self) -> bool {
+        self.handle_frame()
     }
 }
 
 impl ClientSession for Session {
     fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.extend_from_slice(bytes);
-        }
+        self.machine.feed(bytes);
     }
 
     fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if !self.step() {
-                return None;
-            }
-        }
+        machine::next_action(self)
     }
 
     fn tls_established(&mut self) {
         self.options.tls_active = true;
         // Plaintext sent before the handshake must not be read as commands
         // (RFC 2595 §4).
-        self.input.clear();
-        self.framer.reset();
+        self.machine.restart_after_tls();
         if matches!(self.state, State::StartingTls) {
             self.state = State::Authorization { user: None };
         }
@@ -237,8 +222,8 @@ impl ClientSession for Session {
         }
         self.state = State::Relaying;
         self.send(encode::ok("Logged in"));
-        let to_upstream = self.input.split().freeze();
-        self.actions.push_back(Action::Splice { to_upstream });
+        let to_upstream = self.machine.take_input();
+        self.machine.push(Action::Splice { to_upstream });
     }
 
     fn login_failed(&mut self, failure: LoginFailure) {
@@ -253,6 +238,10 @@ impl ClientSession for Session {
             LoginFailure::Unavailable => (
                 "SYS/TEMP",
                 "Upstream mail service unavailable, try again later",
+            ),
+            LoginFailure::NotAuthorizedYet => (
+                "SYS/PERM",
+                "This account must be authorized by the mailgate administrator first",
             ),
             LoginFailure::NeedsAuthorization => (
                 "SYS/PERM",
@@ -270,7 +259,7 @@ impl ClientSession for Session {
     }
 
     fn too_busy(&mut self) {
-        self.actions.clear();
+        self.machine.clear_actions();
         self.close_with(encode::err(
             Some("SYS/TEMP"),
             "Too many connections from your address, try again later",

@@ -1,14 +1,13 @@
 //! Our own login at a POP3 upstream: greeting, optional STLS, CAPA, and
 //! `AUTH XOAUTH2`, with the provider's error challenge.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 
 use super::parse::{self, Response};
+use crate::proto::machine::{self, Machine, Stepped};
 use crate::proto::sasl;
 use crate::proto::{
-    Frame, Framer, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
+    Frame, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -48,9 +47,7 @@ pub struct Upstream {
     tls: UpstreamTls,
     response: Secret<String>,
     capabilities: Vec<String>,
-    input: BytesMut,
-    framer: Framer,
-    actions: VecDeque<UpstreamAction>,
+    machine: Machine<UpstreamAction>,
 }
 
 impl Upstream {
@@ -61,18 +58,16 @@ impl Upstream {
             tls,
             response: sasl::xoauth2(mailbox, access_token),
             capabilities: Vec::new(),
-            input: BytesMut::new(),
-            framer: Framer::new(UPSTREAM_LIMITS),
-            actions: VecDeque::new(),
+            machine: Machine::new(UPSTREAM_LIMITS),
         }
     }
 
     fn send(&mut self, bytes: Bytes) {
-        self.actions.push_back(UpstreamAction::Send(bytes));
+        self.machine.push(UpstreamAction::Send(bytes));
     }
 
     fn finish(&mut self, action: UpstreamAction) {
-        self.actions.push_back(action);
+        self.machine.stop(action);
         self.state = State::Done;
     }
 
@@ -125,10 +120,10 @@ impl Upstream {
                 }
             }
             (State::Stls, Response::Ok(_)) => {
-                if !self.input.is_empty() {
+                if self.machine.has_input() {
                     return self.fail("upstream sent data after STLS");
                 }
-                self.actions.push_back(UpstreamAction::StartTls);
+                self.machine.push(UpstreamAction::StartTls);
                 self.state = State::StartingTls;
             }
             (State::Capa { .. }, Response::Ok(_)) => self.state = State::Capa { listing: true },
@@ -140,7 +135,7 @@ impl Upstream {
                 self.state = State::Responded { initial: false };
             }
             (State::Responded { .. }, Response::Ok(_)) => {
-                let to_client = self.input.split().freeze();
+                let to_client = self.machine.take_input();
                 let capabilities = std::mem::take(&mut self.capabilities);
                 self.finish(UpstreamAction::LoggedIn {
                     capabilities,
@@ -203,28 +198,42 @@ fn is_auth_failure(code: Option<&[u8]>) -> bool {
     })
 }
 
+impl Stepped for Upstream {
+    type Action = UpstreamAction;
+
+    fn machine(&mut self) -> &mut Machine<UpstreamAction> {
+        &mut self.machine
+    }
+
+    fn step(&mut self) -> bool {
+        if matches!(self.state, State::Done | State::StartingTls) {
+            return false;
+        }
+        match self.machine.frame(false) {
+            None => false,
+            Some(Frame::Complete(line)) => {
+                self.line(&line);
+                true
+            }
+            Some(_) => {
+                self.fail("upstream sent an overlong line");
+                true
+            }
+        }
+    }
+}
+
 impl UpstreamLogin for Upstream {
     fn feed(&mut self, bytes: &[u8]) {
         match self.state {
             State::Done => {}
             State::StartingTls if !bytes.is_empty() => self.fail("upstream sent data after STLS"),
-            _ => self.input.extend_from_slice(bytes),
+            _ => self.machine.feed(bytes),
         }
     }
 
     fn next_action(&mut self) -> Option<UpstreamAction> {
-        loop {
-            if let Some(action) = self.actions.pop_front() {
-                return Some(action);
-            }
-            if matches!(self.state, State::Done | State::StartingTls) {
-                return None;
-            }
-            match self.framer.next(&mut self.input, false)? {
-                Frame::Complete(line) => self.line(&line),
-                _ => self.fail("upstream sent an overlong line"),
-            }
-        }
+        machine::next_action(self)
     }
 
     fn tls_established(&mut self) {

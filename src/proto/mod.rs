@@ -5,14 +5,18 @@
 //! is fed upstream bytes and yields [`UpstreamAction`]s. Neither awaits, opens
 //! a socket or reads a clock: `server::connection` owns the wire.
 
+pub mod descriptor;
 pub mod frame;
+pub mod machine;
 pub mod sasl;
 
 use bytes::Bytes;
 
 use crate::secret::Secret;
 
+pub use descriptor::{DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions};
 pub use frame::{Frame, FrameLimits, Framer, UPSTREAM_LIMITS};
+pub use machine::Machine;
 
 /// The local credentials a client presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +81,10 @@ pub enum LoginFailure {
     BadCredentials,
     /// The upstream or the OAuth server could not be reached; try later.
     Unavailable,
-    /// The account needs an administrator to authorize it again.
+    /// The account was never authorized: an administrator must do it.
+    NotAuthorizedYet,
+    /// The provider refused the account's grant: an administrator must
+    /// authorize it again.
     NeedsAuthorization,
     /// The upstream reports the mailbox as locked by another session.
     InUse,

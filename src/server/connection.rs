@@ -15,13 +15,13 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, Instrument as _};
 
-use super::relay::{self, Activity, Counts};
+use super::outcome::ErrorKind;
+use super::relay::{self, Activity, Counts, RelayError, Side};
 use super::stream::{ClientStream, ReadAhead, Stream, TlsTcp};
 use super::upstream::LoggedIn;
 use super::Gateway;
-use crate::config::{ListenerTls, Protocol};
-use crate::metrics::protocol_label;
-use crate::proto::{Action, ClientSession, LoginFailure};
+use crate::proto::{Action, ClientSession, ListenerTls, LoginFailure, SessionOptions};
+use crate::protocol::Protocol;
 
 /// How a connection ended before login, for the log line.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +45,32 @@ enum Closed {
 }
 
 impl Closed {
-    /// A closed label for logs: what kind of ending this was.
-    fn kind(&self) -> &'static str {
+    /// The closed set of endings.
+    fn kind(&self) -> ErrorKind {
         match self {
-            Self::ClientGone => "client_gone",
-            Self::ClientIo(_) => "client_io",
-            Self::Handshake(_) => "tls_handshake",
-            Self::HandshakeTimeout => "tls_handshake_timeout",
-            Self::PreAuthTimeout => "pre_auth_timeout",
-            Self::Shutdown => "shutdown",
-            Self::Logout => "logout",
-            Self::Internal(_) => "internal",
+            Self::ClientGone => ErrorKind::ClientGone,
+            Self::ClientIo(_) => ErrorKind::ClientIo,
+            Self::Handshake(_) => ErrorKind::TlsHandshake,
+            Self::HandshakeTimeout => ErrorKind::TlsHandshakeTimeout,
+            Self::PreAuthTimeout => ErrorKind::PreAuthTimeout,
+            Self::Shutdown => ErrorKind::Shutdown,
+            Self::Logout => ErrorKind::None,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A connection that ended before login, with its last failed login.
+struct Refused {
+    closed: Closed,
+    login_failure: Option<ErrorKind>,
+}
+
+impl From<Closed> for Refused {
+    fn from(closed: Closed) -> Self {
+        Self {
+            closed,
+            login_failure: None,
         }
     }
 }
@@ -90,7 +105,7 @@ pub async fn serve(
         tls,
         label,
     } = listener;
-    let labels = [protocol_label(protocol), &*label];
+    let labels = [protocol.name, &*label];
     gateway
         .metrics
         .connections_accepted
@@ -101,8 +116,7 @@ pub async fn serve(
         .connections_active
         .with_label_values(&labels);
     active.inc();
-    let span =
-        tracing::info_span!("conn", %peer, protocol = protocol_label(protocol), listener = &*label);
+    let span = tracing::info_span!("conn", %peer, protocol = protocol.name, listener = &*label);
     async move {
         let started = Instant::now();
         let connection = Connection {
@@ -110,50 +124,63 @@ pub async fn serve(
             protocol,
             shutdown,
         };
-        let result = match protocol {
-            Protocol::Imap => {
-                let session = crate::imap::Session::new(crate::imap::Options {
-                    tls_active: tls == ListenerTls::Implicit,
-                    starttls: tls == ListenerTls::StartTls,
-                    loopback_plaintext: tls == ListenerTls::Plaintext,
-                    limits: gateway.frame_limits(),
-                });
-                connection.run(tcp, tls, session).await
-            }
-            Protocol::Pop3 => {
-                let session = crate::pop3::Session::new(crate::pop3::Options {
-                    tls_active: tls == ListenerTls::Implicit,
-                    stls: tls == ListenerTls::StartTls,
-                    loopback_plaintext: tls == ListenerTls::Plaintext,
-                    limits: gateway.frame_limits(),
-                });
-                connection.run(tcp, tls, session).await
-            }
-        };
+        let session = (protocol.new_session)(SessionOptions {
+            tls,
+            limits: gateway.frame_limits(),
+        });
+        let result = connection.run(tcp, tls, session).await;
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // One summary event per connection.
-        match result {
+        let kind = match result {
             Ok(relayed) => {
                 let m = &gateway.metrics.relayed_bytes;
-                m.with_label_values(&["client_to_upstream"]).inc_by(relayed.from_client);
-                m.with_label_values(&["upstream_to_client"]).inc_by(relayed.from_upstream);
+                m.with_label_values(&["client_to_upstream"])
+                    .inc_by(relayed.from_client);
+                m.with_label_values(&["upstream_to_client"])
+                    .inc_by(relayed.from_upstream);
+                let kind = relayed.ended;
                 info!(
                     outcome = "relayed",
                     account = %relayed.account,
                     bytes_from_client = relayed.from_client,
                     bytes_from_upstream = relayed.from_upstream,
                     duration_ms,
-                    error_kind = relayed.error.as_deref().unwrap_or("none"),
+                    error_kind = kind.label(),
+                    blame = kind.blame().label(),
+                    error = relayed.error.as_deref().unwrap_or(""),
                     "connection closed"
                 );
+                kind
             }
-            Err(closed) => {
+            Err(Refused {
+                closed,
+                login_failure,
+            }) => {
                 if matches!(closed, Closed::Handshake(_) | Closed::HandshakeTimeout) {
-                    gateway.metrics.tls_handshake_failures.with_label_values(&[protocol_label(protocol)]).inc();
+                    gateway
+                        .metrics
+                        .tls_handshake_failures
+                        .with_label_values(&[protocol.name])
+                        .inc();
                 }
-                info!(outcome = "closed_before_login", error_kind = closed.kind(), reason = %closed, duration_ms, "connection closed");
+                let kind = closed.kind();
+                info!(
+                    outcome = "closed_before_login",
+                    error_kind = kind.label(),
+                    blame = kind.blame().label(),
+                    login_failure = login_failure.map_or("none", ErrorKind::label),
+                    reason = %closed,
+                    duration_ms,
+                    "connection closed"
+                );
+                kind
             }
-        }
+        };
+        gateway
+            .metrics
+            .connections_closed
+            .with_label_values(&[protocol.name, kind.label(), kind.blame().label()])
+            .inc();
         active.dec();
         drop(permit);
     }
@@ -166,6 +193,9 @@ struct Relayed {
     account: String,
     from_client: u64,
     from_upstream: u64,
+    /// How it ended: [`ErrorKind::None`] for a clean close.
+    ended: ErrorKind,
+    /// The I/O error that ended it, if one did.
     error: Option<String>,
 }
 
@@ -176,12 +206,12 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    async fn run<S: ClientSession>(
+    async fn run(
         mut self,
         tcp: TcpStream,
         tls: ListenerTls,
-        mut session: S,
-    ) -> Result<Relayed, Closed> {
+        mut session: Box<dyn ClientSession + Send>,
+    ) -> Result<Relayed, Refused> {
         let limits = self.gateway.limits();
         let _ = tcp.set_nodelay(true);
         let address = tcp
@@ -201,35 +231,47 @@ impl Connection<'_> {
         // Boxed: the login phase's state (the session's buffers, the
         // upstream dial and login) is several KiB that an idle relayed
         // session would otherwise keep in its task for its whole life.
-        let result =
-            Box::pin(self.pre_auth(&mut client, &mut session, deadline, address, pre_login)).await;
+        let mut login_failure = None;
+        let result = Box::pin(self.pre_auth(
+            &mut client,
+            &mut *session,
+            deadline,
+            address,
+            pre_login,
+            &mut login_failure,
+        ))
+        .await;
+        let refused = |closed| Refused {
+            closed,
+            login_failure,
+        };
         match result {
             Ok((account, logged_in, to_upstream)) => {
                 info!(%account, "logged in");
-                let idle = match self.protocol {
-                    Protocol::Imap => limits.imap_idle_timeout,
-                    Protocol::Pop3 => limits.pop3_idle_timeout,
-                };
-                relay(account, client, logged_in, to_upstream, idle).await
+                let idle = limits.idle_timeout(self.protocol);
+                relay(account, client, logged_in, to_upstream, idle)
+                    .await
+                    .map_err(refused)
             }
             Err(closed @ (Closed::PreAuthTimeout | Closed::Shutdown)) => {
                 session.shutdown();
-                goodbye(&mut client, &mut session).await;
-                Err(closed)
+                goodbye(&mut client, &mut *session).await;
+                Err(refused(closed))
             }
-            Err(closed) => Err(closed),
+            Err(closed) => Err(refused(closed)),
         }
     }
 
     /// The session until it splices: returns the account, the upstream
     /// connection, and client bytes for the upstream.
-    async fn pre_auth<S: ClientSession>(
+    async fn pre_auth(
         &mut self,
         client: &mut ClientStream,
-        session: &mut S,
+        session: &mut (dyn ClientSession + Send),
         deadline: Instant,
         address: std::net::IpAddr,
         mut pre_login: Option<super::admission::PreLogin>,
+        login_failure: &mut Option<ErrorKind>,
     ) -> Result<(String, LoggedIn, bytes::Bytes), Closed> {
         let mut buf = BytesMut::with_capacity(4096);
         let mut upstream: Option<(String, LoggedIn)> = None;
@@ -252,7 +294,13 @@ impl Connection<'_> {
                         session.tls_established();
                     }
                     Action::Authenticate(credentials) => {
-                        match self.gateway.login(self.protocol, &credentials).await {
+                        // The login ends with the gateway: a shutdown
+                        // doesn't wait for a slow upstream or token endpoint.
+                        let login = tokio::select! {
+                            login = self.gateway.login(self.protocol, &credentials) => login,
+                            _ = self.shutdown.changed() => return Err(Closed::Shutdown),
+                        };
+                        match login {
                             Ok((account, logged_in)) => {
                                 self.gateway.admission.success(&credentials.username);
                                 // Logged in: no longer counts against the address.
@@ -260,15 +308,16 @@ impl Connection<'_> {
                                 session.login_succeeded(&logged_in.capabilities);
                                 upstream = Some((account, logged_in));
                             }
-                            Err(failure) => {
-                                if failure == LoginFailure::BadCredentials {
+                            Err(error) => {
+                                *login_failure = Some(error.kind);
+                                if error.failure == LoginFailure::BadCredentials {
                                     let delay = self
                                         .gateway
                                         .admission
                                         .failure(&credentials.username, address);
-                                    tokio::time::sleep(delay).await;
+                                    self.back_off(client, session, delay).await?;
                                 }
-                                session.login_failed(failure);
+                                session.login_failed(error.failure);
                             }
                         }
                     }
@@ -294,6 +343,38 @@ impl Connection<'_> {
                 Ok(0) => return Err(Closed::ClientGone),
                 Ok(_) => session.feed(&buf),
                 Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits out a failed login's back-off. The wait ends early when the
+    /// client hangs up, which frees its pre-login slot at once, or when the
+    /// gateway shuts down. Bytes the client pipelines meanwhile are kept
+    /// for the session (up to one command's worth) and read after the
+    /// failure is told.
+    async fn back_off(
+        &mut self,
+        client: &mut ClientStream,
+        session: &mut (dyn ClientSession + Send),
+        delay: Duration,
+    ) -> Result<(), Closed> {
+        let until = Instant::now() + delay;
+        let most = self.gateway.frame_limits().max_command();
+        let mut kept = 0;
+        let mut buf = BytesMut::with_capacity(1024);
+        loop {
+            buf.clear();
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return Ok(()),
+                _ = self.shutdown.changed() => return Err(Closed::Shutdown),
+                read = client.read_buf(&mut buf), if kept < most => match read {
+                    Ok(0) => return Err(Closed::ClientGone),
+                    Ok(n) => {
+                        kept += n;
+                        session.feed(&buf);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
             }
         }
     }
@@ -327,7 +408,7 @@ async fn within<T>(deadline: Instant, f: impl Future<Output = T>) -> Result<T, C
 }
 
 /// Writes whatever goodbye the session queued, briefly.
-async fn goodbye<S: ClientSession>(client: &mut ClientStream, session: &mut S) {
+async fn goodbye(client: &mut ClientStream, session: &mut (dyn ClientSession + Send)) {
     let mut bytes = Vec::new();
     while let Some(action) = session.next_action() {
         if let Action::Send(b) = action {
@@ -373,14 +454,19 @@ async fn relay(
     // in an error (a client dropping without close_notify) is counted.
     let activity = Activity::new();
     let mut counts = Counts::default();
-    let error = tokio::select! {
-        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts) => result.err().map(|e| e.to_string()),
-        () = idle_timeout(&activity, idle) => Some("idle timeout".to_owned()),
+    let (ended, error) = tokio::select! {
+        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts) => match result {
+            Ok(()) => (ErrorKind::None, None),
+            Err(RelayError { side: Side::Client, error }) => (ErrorKind::ClientIo, Some(error.to_string())),
+            Err(RelayError { side: Side::Upstream, error }) => (ErrorKind::UpstreamIo, Some(error.to_string())),
+        },
+        () = idle_timeout(&activity, idle) => (ErrorKind::IdleTimeout, None),
     };
     Ok(Relayed {
         account,
         from_client: counts.from_client + sent_to_upstream,
         from_upstream: counts.from_upstream + sent_to_client,
+        ended,
         error,
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod admission;
 mod connection;
+pub mod outcome;
 pub mod probe;
 pub mod relay;
 pub mod spare;
@@ -16,19 +17,25 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::config::{Account, Config, Limits, Listener, Protocol};
-use crate::metrics::{protocol_label, LoginOutcome, Metrics};
+use crate::config::{Account, Config, Limits, Listener};
+use crate::metrics::{LoginOutcome, Metrics};
 use crate::oauth::TokenError;
 use crate::proto::{Credentials, FrameLimits, LoginFailure};
+use crate::protocol::Protocol;
 use crate::secret::Secret;
 use crate::services::{Current, Services};
+use outcome::{ErrorKind, LoginError};
+use spare::Spares;
 use upstream::{LoggedIn, UpstreamError};
 
 /// Everything a connection needs, shared by all of them.
 pub struct Gateway {
     services: Current,
-    /// Listeners and limits are fixed at start; a reload keeps them.
+    /// The limits of every services generation: fixed at start, and a
+    /// reload keeps them (`app::Running::reload`).
     limits: Limits,
+    /// Spare upstream connections for the next login.
+    spares: Arc<Spares>,
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
     /// Open client connections, at most `limits.max_connections`.
@@ -53,6 +60,7 @@ impl Gateway {
                 limits.login_failure_delay,
                 limits.login_failure_max_delay,
             )),
+            spares: Spares::new(limits.upstream_spare_for),
             services,
             limits,
             acceptor,
@@ -90,16 +98,16 @@ impl Gateway {
         &self,
         protocol: Protocol,
         credentials: &Credentials,
-    ) -> Result<(String, LoggedIn), LoginFailure> {
+    ) -> Result<(String, LoggedIn), LoginError> {
         let services = self.services.get();
         let result = self.login_with(&services, protocol, credentials).await;
         let outcome = match &result {
             Ok(_) => LoginOutcome::Ok,
-            Err(f) => LoginOutcome::from(*f),
+            Err(e) => LoginOutcome::from(e.failure),
         };
         self.metrics
             .logins
-            .with_label_values(&[protocol_label(protocol), outcome.label()])
+            .with_label_values(&[protocol.name, outcome.label()])
             .inc();
         result
     }
@@ -109,7 +117,7 @@ impl Gateway {
         services: &Services,
         protocol: Protocol,
         credentials: &Credentials,
-    ) -> Result<(String, LoggedIn), LoginFailure> {
+    ) -> Result<(String, LoggedIn), LoginError> {
         let account = self.verify(services, credentials).await?;
         let tokens = &services.tokens;
         let token = tokens
@@ -142,7 +150,7 @@ impl Gateway {
         &self,
         services: &Services,
         credentials: &Credentials,
-    ) -> Result<Arc<Account>, LoginFailure> {
+    ) -> Result<Arc<Account>, LoginError> {
         if let Some(account) = services.accounts.remembered(credentials) {
             return Ok(account);
         }
@@ -151,7 +159,7 @@ impl Gateway {
             .verifications
             .acquire()
             .await
-            .map_err(|_| LoginFailure::Unavailable)?;
+            .map_err(|_| LoginError::new(LoginFailure::Unavailable, ErrorKind::Internal))?;
         // A burst of logins with the same credentials (a restart, a poller
         // opening several connections) waits here behind the first: once
         // it has verified, the rest need no hash of their own.
@@ -176,11 +184,17 @@ impl Gateway {
                 // Debug-quoted and cut short: a client chooses these bytes.
                 let username: String = credentials.username.chars().take(64).collect();
                 info!(username = ?username, "local login failed");
-                Err(LoginFailure::BadCredentials)
+                Err(LoginError::new(
+                    LoginFailure::BadCredentials,
+                    ErrorKind::BadCredentials,
+                ))
             }
             Err(e) => {
                 warn!(error = %e, "password verification task failed");
-                Err(LoginFailure::Unavailable)
+                Err(LoginError::new(
+                    LoginFailure::Unavailable,
+                    ErrorKind::Internal,
+                ))
             }
         }
     }
@@ -193,13 +207,13 @@ impl Gateway {
         token: &Secret<String>,
     ) -> Result<LoggedIn, UpstreamError> {
         let server = account.upstream(protocol).ok_or_else(|| {
-            UpstreamError::Protocol(format!("account has no {protocol:?} upstream"))
+            UpstreamError::Protocol(format!("account has no {} upstream", protocol.title))
         })?;
         let connector = services
             .connectors
             .get(&server.ca_file)
             .ok_or_else(|| UpstreamError::Protocol("no TLS connector for this upstream".into()))?;
-        let label = [protocol_label(protocol)];
+        let label = [protocol.name];
         let dial = || async {
             let started = tokio::time::Instant::now();
             let connected = upstream::connect(server, connector).await?;
@@ -211,16 +225,8 @@ impl Gateway {
         };
         let log_in = |connected| async {
             let started = tokio::time::Instant::now();
-            let result = match protocol {
-                Protocol::Imap => {
-                    let login = crate::imap::Upstream::new(&account.mailbox, token, server.tls);
-                    upstream::login(connected, connector, login).await
-                }
-                Protocol::Pop3 => {
-                    let login = crate::pop3::Upstream::new(&account.mailbox, token, server.tls);
-                    upstream::login(connected, connector, login).await
-                }
-            };
+            let login = (protocol.new_login)(&account.mailbox, token, server.tls);
+            let result = upstream::login(connected, connector, login).await;
             self.metrics
                 .upstream_login_seconds
                 .with_label_values(&label)
@@ -234,7 +240,7 @@ impl Gateway {
             result
         };
         let login = async {
-            let spare = services.spares.take(server);
+            let spare = self.spares.take(server);
             let result = match spare {
                 Some(connected) => match log_in(connected).await {
                     // The upstream closed the spare while it waited: dial.
@@ -257,7 +263,7 @@ impl Gateway {
             };
             // The next spare is dialled once this login is done, so that
             // its handshake doesn't compete with this login for the CPU.
-            services.spares.refill(server, connector);
+            self.spares.refill(server, connector);
             result
         };
         tokio::time::timeout(self.limits.upstream_timeout, login)
@@ -266,27 +272,39 @@ impl Gateway {
     }
 }
 
-fn token_failure(account: &Account, e: TokenError) -> LoginFailure {
-    match e {
-        TokenError::Transient(_) | TokenError::Store(_) => {
-            warn!(account = %account.name, error = %e, "no access token");
-            LoginFailure::Unavailable
-        }
-        TokenError::NeedsAuthorization(_) => {
-            warn!(account = %account.name, error = %e, "account needs authorization: run `mailgate authorize {}`", account.name);
-            LoginFailure::NeedsAuthorization
-        }
+fn token_failure(account: &Account, e: TokenError) -> LoginError {
+    let (failure, kind) = match &e {
+        TokenError::Transient(_) => (LoginFailure::Unavailable, ErrorKind::TokenUnavailable),
+        TokenError::Store(_) => (LoginFailure::Unavailable, ErrorKind::TokenStore),
+        TokenError::NotAuthorizedYet(_) => (
+            LoginFailure::NotAuthorizedYet,
+            ErrorKind::NeedsAuthorization,
+        ),
+        TokenError::NeedsAuthorization(_) => (
+            LoginFailure::NeedsAuthorization,
+            ErrorKind::NeedsAuthorization,
+        ),
+    };
+    if kind == ErrorKind::NeedsAuthorization {
+        warn!(account = %account.name, error = %e, "account needs authorization: run `{}`", crate::oauth::fix_command(&account.name));
+    } else {
+        warn!(account = %account.name, error = %e, "no access token");
     }
+    LoginError::new(failure, kind)
 }
 
-fn upstream_failure(account: &Account, e: UpstreamError) -> LoginFailure {
+fn upstream_failure(account: &Account, e: UpstreamError) -> LoginError {
     warn!(account = %account.name, error = %e, "upstream login failed");
-    match e {
-        UpstreamError::Rejected { in_use: true, .. } => LoginFailure::InUse,
-        UpstreamError::Rejected { .. } => LoginFailure::BadCredentials,
-        UpstreamError::Unavailable(_) => LoginFailure::Unavailable,
-        _ => LoginFailure::Unavailable,
-    }
+    let (failure, kind) = match e {
+        UpstreamError::Rejected { in_use: true, .. } => {
+            (LoginFailure::InUse, ErrorKind::MailboxInUse)
+        }
+        UpstreamError::Rejected { .. } => {
+            (LoginFailure::BadCredentials, ErrorKind::UpstreamRejected)
+        }
+        _ => (LoginFailure::Unavailable, ErrorKind::UpstreamUnavailable),
+    };
+    LoginError::new(failure, kind)
 }
 
 /// A bound listener.

@@ -8,8 +8,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::upstream::{self, Connectors, UpstreamError};
-use crate::config::{Account, Protocol};
+use crate::config::Account;
 use crate::oauth::Tokens;
+use crate::proto::UpstreamTls;
+use crate::protocol::Protocol;
 
 /// One step and how it went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,20 +34,9 @@ pub async fn test_account(
     let token = tokens.force_refresh(account).await;
     let token = match token {
         Ok(t) => {
-            let what = match account.grant {
-                crate::config::Grant::AuthorizationCode => {
-                    "refresh token exchanged for an access token"
-                }
-                crate::config::Grant::ClientCredentials => {
-                    "client credentials exchanged for an access token"
-                }
-                crate::config::Grant::JwtBearer => {
-                    "service account assertion exchanged for an access token"
-                }
-            };
             steps.push(Step {
                 name: "token".into(),
-                outcome: Ok(what.into()),
+                outcome: Ok(account.grant.exchanged().into()),
                 elapsed: started.elapsed(),
             });
             t
@@ -59,14 +50,11 @@ pub async fn test_account(
             return steps;
         }
     };
-    for protocol in [Protocol::Imap, Protocol::Pop3] {
+    for protocol in Protocol::all() {
         let Some(server) = account.upstream(protocol) else {
             continue;
         };
-        let label = match protocol {
-            Protocol::Imap => "imap",
-            Protocol::Pop3 => "pop3",
-        };
+        let label = protocol.name;
         let Some(connector) = connectors.get(&server.ca_file) else {
             continue;
         };
@@ -77,8 +65,8 @@ pub async fn test_account(
         let connected = match connected {
             Ok(c) => {
                 let tls = match server.tls {
-                    crate::proto::UpstreamTls::Implicit => "TLS",
-                    crate::proto::UpstreamTls::StartTls => "plaintext, STARTTLS next",
+                    UpstreamTls::Implicit => "TLS",
+                    UpstreamTls::StartTls => "plaintext, STARTTLS next",
                 };
                 steps.push(Step {
                     name: format!("{label} connect"),
@@ -97,26 +85,11 @@ pub async fn test_account(
             }
         };
         let started = Instant::now();
-        let login = async {
-            match protocol {
-                Protocol::Imap => {
-                    upstream::login(
-                        connected,
-                        connector,
-                        crate::imap::Upstream::new(&account.mailbox, &token, server.tls),
-                    )
-                    .await
-                }
-                Protocol::Pop3 => {
-                    upstream::login(
-                        connected,
-                        connector,
-                        crate::pop3::Upstream::new(&account.mailbox, &token, server.tls),
-                    )
-                    .await
-                }
-            }
-        };
+        let login = upstream::login(
+            connected,
+            connector,
+            (protocol.new_login)(&account.mailbox, &token, server.tls),
+        );
         let logged_in = match tokio::time::timeout(timeout, login)
             .await
             .unwrap_or(Err(UpstreamError::Timeout))

@@ -55,16 +55,18 @@ impl Direction {
         r: &mut R,
         w: &mut W,
         activity: &Activity,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), (Failure, io::Error)>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let write_error = |e| (Failure::Write, e);
         loop {
             while self.written < self.pending.len() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))?;
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))
+                    .map_err(write_error)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(write_error(io::ErrorKind::WriteZero.into())));
                 }
                 self.written += n;
                 self.unflushed = true;
@@ -74,11 +76,11 @@ impl Direction {
                 self.written = 0;
             }
             if let Some(e) = self.failed.take() {
-                return Poll::Ready(Err(e));
+                return Poll::Ready(Err((Failure::Read, e)));
             }
             if self.eof {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                return Pin::new(&mut *w).poll_shutdown(cx);
+                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(write_error)?;
+                return Pin::new(&mut *w).poll_shutdown(cx).map_err(write_error);
             }
             let step = SCRATCH_BUFFER.with(|scratch| {
                 // A relay never polls another relay from inside its own
@@ -95,13 +97,13 @@ impl Direction {
                     if self.unflushed {
                         match Pin::new(&mut *w).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.unflushed = false,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(write_error(e))),
                             Poll::Pending => {}
                         }
                     }
                     return Poll::Pending;
                 }
-                Step::Failed(e) => return Poll::Ready(Err(e)),
+                Step::Failed(failure, e) => return Poll::Ready(Err((failure, e))),
             }
         }
     }
@@ -129,7 +131,7 @@ impl Direction {
                     break;
                 }
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) if before == 0 => return Step::Failed(e),
+                Poll::Ready(Err(e)) if before == 0 => return Step::Failed(Failure::Read, e),
                 // Send what came before the error, then report it.
                 Poll::Ready(Err(e)) => {
                     self.failed = Some(e);
@@ -149,12 +151,14 @@ impl Direction {
         let mut off = 0;
         while off < data.len() {
             match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(0)) => return Step::Failed(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(0)) => {
+                    return Step::Failed(Failure::Write, io::ErrorKind::WriteZero.into())
+                }
                 Poll::Ready(Ok(n)) => {
                     off += n;
                     self.unflushed = true;
                 }
-                Poll::Ready(Err(e)) => return Step::Failed(e),
+                Poll::Ready(Err(e)) => return Step::Failed(Failure::Write, e),
                 Poll::Pending => {
                     // The writer's waker is set; keep the rest.
                     self.pending = data[off..].to_vec();
@@ -176,7 +180,14 @@ enum Step {
     Again,
     /// Waiting for the reader or the writer; a waker is set.
     Blocked,
-    Failed(io::Error),
+    Failed(Failure, io::Error),
+}
+
+/// Which end of a direction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Read,
+    Write,
 }
 
 /// When anything last moved, in milliseconds since `epoch`.
@@ -217,9 +228,29 @@ pub struct Counts {
     pub from_upstream: u64,
 }
 
+/// The side of a relay whose socket failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// A relay that ended in an I/O error, and on which side.
+#[derive(Debug, thiserror::Error)]
+#[error("{side:?} i/o: {error}")]
+pub struct RelayError {
+    pub side: Side,
+    pub error: io::Error,
+}
+
 /// Copies both ways until both sides have ended, or either fails. `counts`
 /// holds what was read so far even when this fails or is dropped
 /// half-way, so that a session cut short is still counted.
+///
+/// A client that closes its TCP connection without a TLS close_notify
+/// after the upstream has ended the session (its answer to `LOGOUT` or
+/// `QUIT`, then its close) ends normally: nothing of the session is lost,
+/// and many clients close that way.
 ///
 /// # Errors
 /// The first I/O error of either side.
@@ -228,7 +259,7 @@ pub async fn relay<C, U>(
     upstream: &mut U,
     activity: &Activity,
     counts: &mut Counts,
-) -> io::Result<()>
+) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -237,17 +268,46 @@ where
     let mut down = Direction::default();
     let (mut up_done, mut down_done) = (false, false);
     let result = poll_fn(|cx| {
-        if !up_done {
-            match up.poll(cx, client, upstream, activity) {
-                Poll::Ready(Ok(())) => up_done = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-        }
+        // Downstream first: when the upstream's close and the client's
+        // arrive together, the upstream's is seen first.
         if !down_done {
             match down.poll(cx, upstream, client, activity) {
                 Poll::Ready(Ok(())) => down_done = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err((Failure::Read, error))) => {
+                    return Poll::Ready(Err(RelayError {
+                        side: Side::Upstream,
+                        error,
+                    }))
+                }
+                Poll::Ready(Err((Failure::Write, error))) => {
+                    return Poll::Ready(Err(RelayError {
+                        side: Side::Client,
+                        error,
+                    }))
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !up_done {
+            match up.poll(cx, client, upstream, activity) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err((Failure::Read, e)))
+                    if e.kind() == io::ErrorKind::UnexpectedEof && down.eof =>
+                {
+                    up_done = true;
+                }
+                Poll::Ready(Err((Failure::Read, error))) => {
+                    return Poll::Ready(Err(RelayError {
+                        side: Side::Client,
+                        error,
+                    }))
+                }
+                Poll::Ready(Err((Failure::Write, error))) => {
+                    return Poll::Ready(Err(RelayError {
+                        side: Side::Upstream,
+                        error,
+                    }))
+                }
                 Poll::Pending => {}
             }
         }
@@ -384,12 +444,67 @@ mod tests {
         let mut direction = Direction::default();
         let result = poll_fn(|cx| direction.poll(cx, &mut reader, &mut writer, &activity)).await;
         assert_eq!(
-            result.map_err(|e| e.kind()),
-            Err(io::ErrorKind::ConnectionReset)
+            result.map_err(|(failure, e)| (failure, e.kind())),
+            Err((Failure::Read, io::ErrorKind::ConnectionReset))
         );
         let mut got = vec![0; 1000];
         writer_far.read_exact(&mut got).await.unwrap();
         assert!(got == pattern(1000, 5));
         assert_eq!(direction.count, 1000);
+    }
+
+    /// A client that hangs up without a TLS close_notify: every read says
+    /// so (as rustls does), every write goes nowhere.
+    struct Unclean;
+
+    impl AsyncRead for Unclean {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+        }
+    }
+
+    impl AsyncWrite for Unclean {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// After LOGOUT the upstream answers and closes; a client that then
+    /// drops without close_notify ends the session normally. Before the
+    /// upstream has ended, the same drop is the client's error.
+    #[tokio::test]
+    async fn an_unclean_client_close_after_the_upstream_ended_is_a_normal_end() {
+        let (mut upstream, mut upstream_far) = tokio::io::duplex(4096);
+        upstream_far
+            .write_all(b"* BYE Logging out\r\na OK LOGOUT completed\r\n")
+            .await
+            .unwrap();
+        upstream_far.shutdown().await.unwrap();
+        let mut counts = Counts::default();
+        let ended = relay(&mut Unclean, &mut upstream, &Activity::new(), &mut counts).await;
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(counts.from_upstream, 42);
+
+        let (mut upstream, _still_open) = tokio::io::duplex(4096);
+        let ended = relay(&mut Unclean, &mut upstream, &Activity::new(), &mut counts).await;
+        let error = ended.unwrap_err();
+        assert_eq!(error.side, Side::Client);
+        assert_eq!(error.error.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

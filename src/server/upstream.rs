@@ -11,6 +11,7 @@ use tokio_rustls::TlsConnector;
 use super::stream::{ReadAhead, Stream, UpstreamStream};
 use crate::config::UpstreamServer;
 use crate::proto::{UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls};
+use crate::protocol::Protocol;
 
 /// A logged-in upstream connection, ready to relay.
 pub struct LoggedIn {
@@ -101,10 +102,10 @@ pub async fn connect(
 /// # Cancel safety
 /// Not cancel safe: dropping it drops the half-open connection, which is
 /// what a timeout wants.
-pub async fn login<L: UpstreamLogin>(
+pub async fn login(
     connected: Connected,
     connector: &TlsConnector,
-    mut login: L,
+    mut login: Box<dyn UpstreamLogin + Send>,
 ) -> Result<LoggedIn, UpstreamError> {
     let Connected {
         mut stream,
@@ -151,21 +152,15 @@ pub async fn login<L: UpstreamLogin>(
     }
 }
 
-/// Ends a logged-in session politely: `LOGOUT` or `QUIT`, and waits for
-/// the answer (`mailgate test`'s last step).
+/// Ends a logged-in session politely with the protocol's logout command,
+/// and waits for the answer (`mailgate test`'s last step).
 ///
 /// # Errors
 /// When the upstream doesn't answer as expected.
-pub async fn logout(
-    logged_in: LoggedIn,
-    protocol: crate::config::Protocol,
-) -> Result<(), UpstreamError> {
+pub async fn logout(logged_in: LoggedIn, protocol: Protocol) -> Result<(), UpstreamError> {
     let mut stream = logged_in.stream;
-    let (command, done): (&[u8], &[u8]) = match protocol {
-        crate::config::Protocol::Imap => (b"z LOGOUT\r\n", b"z OK"),
-        crate::config::Protocol::Pop3 => (b"QUIT\r\n", b"+OK"),
-    };
-    stream.write_all(command).await?;
+    let done = protocol.logout_done;
+    stream.write_all(protocol.logout).await?;
     stream.flush().await?;
     let mut buf = BytesMut::from(&logged_in.to_client[..]);
     loop {

@@ -269,7 +269,7 @@ impl Gateway {
             expires_at: now + 3600,
             ..Default::default()
         };
-        store(state.path()).save(account, &record).unwrap();
+        store(state.path()).save_record(account, &record).unwrap();
         Self::start_in(state, accounts, "", "10ms", true).await
     }
 
@@ -364,7 +364,7 @@ impl Gateway {
 
     /// The stored record of an account.
     pub fn stored(&self, account: &str) -> Option<mailgate::oauth::Record> {
-        store(self.state.path()).load(account).unwrap()
+        store(self.state.path()).load_record(account).unwrap()
     }
 
     /// The stored refresh token of an account.
@@ -535,9 +535,9 @@ tls = "{pop3_upstream_tls}"
 }
 
 /// The token store of a gateway's state directory (default key file).
-pub fn store(state_dir: &Path) -> mailgate::oauth::TokenStore {
+pub fn store(state_dir: &Path) -> mailgate::oauth::FileStore {
     let key = mailgate::oauth::KeySource::File(state_dir.join("token.key"));
-    mailgate::oauth::TokenStore::open(state_dir, &key).unwrap()
+    mailgate::oauth::FileStore::open(state_dir, &key).unwrap()
 }
 
 /// A rustls client config trusting the harness CA.

@@ -1,144 +1,90 @@
-//! Pending authorizations: the PKCE verifier and state of a started
-//! authorization-code flow, kept (encrypted) until the browser comes back
-//! to the redirect URL, possibly in another process.
+//! The authorization-code flow's state between its start and the
+//! browser's return: start (PKCE verifier and state, kept encrypted in
+//! the store), finish (the code exchanged, the tokens installed), and
+//! expiry. `mailgate authorize` and the integrations page both use it, and
+//! the callback may reach another process than the one that started it.
 
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::Integration;
-use crate::oauth::{grant, TokenError, TokenStore};
+use super::store::{PendingFlow, PendingFlows, StoreError};
+use super::{grant, unix_now, TokenError, Tokens};
+use crate::config::{Config, Integration};
 use crate::secret::Secret;
-use crate::services::Services;
-
-/// A flow started by `mailgate authorize` or the integrations page.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Pending {
-    pub account: String,
-    pub verifier: String,
-    pub created_at: u64,
-    /// Set when the flow ended: `Ok(())`, or why it failed.
-    #[serde(default)]
-    pub outcome: Option<Result<(), String>>,
-    /// Started from the integrations page: the callback sends the browser
-    /// back there.
-    #[serde(default)]
-    pub from_page: bool,
-}
-
-impl Pending {
-    /// The record of a flow just started for `account`.
-    pub fn started(account: &str, started: &grant::Authorization, from_page: bool) -> Self {
-        Self {
-            account: account.to_owned(),
-            verifier: started.verifier.expose().clone(),
-            created_at: now(),
-            outcome: None,
-            from_page,
-        }
-    }
-}
-
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("account", &self.account)
-            .field("outcome", &self.outcome)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A pending flow is good for 15 minutes: time to sign in, not more.
-const PENDING_LIFETIME_S: u64 = 15 * 60;
+const PENDING_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Started flows, by their state. A flow is stored under the SHA-256 of
+/// its state, so the state itself (a bearer secret until used) is never
+/// written down.
+#[derive(Clone)]
+pub struct Flows {
+    store: Arc<dyn PendingFlows>,
 }
 
-/// Pending flows, in the token store's directory, under its key. A flow
-/// is named by the SHA-256 of its state, so the state itself (a bearer
-/// secret until used) is never written down.
-pub struct PendingStore {
-    store: TokenStore,
-}
-
-impl PendingStore {
-    pub fn new(store: TokenStore) -> Self {
+impl Flows {
+    pub fn new(store: Arc<dyn PendingFlows>) -> Self {
         Self { store }
     }
 
-    fn name(state: &str) -> String {
+    /// The store key of the flow with `state`.
+    pub fn key(state: &str) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, state.as_bytes());
-        let hex: String = digest.as_ref()[..16]
+        digest.as_ref()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("pending-{hex}")
+            .collect()
     }
 
-    /// Remembers a started flow.
+    /// Starts a flow for `account`: the authorization URL with PKCE and
+    /// state, remembered until the browser comes back.
     ///
     /// # Errors
-    /// When the store can't be written.
-    pub fn save(&self, state: &Secret<String>, pending: &Pending) -> Result<(), TokenError> {
-        self.sweep();
-        self.write(state.expose(), pending)
-    }
-
-    /// Removes flows older than their lifetime: abandoned in the browser,
-    /// or finished by a process that didn't clean up.
-    fn sweep(&self) {
-        let Some(dir) = self.store.path("pending-x").parent().map(PathBuf::from) else {
-            return;
+    /// When the URL can't be built or the store can't be written.
+    pub async fn start(
+        &self,
+        account: &str,
+        integration: &Integration,
+        redirect: &url::Url,
+        login_hint: Option<&str>,
+        from_page: bool,
+    ) -> Result<grant::Authorization, TokenError> {
+        let started = grant::authorization(integration, redirect, login_hint)?;
+        let flow = PendingFlow {
+            account: account.to_owned(),
+            verifier: started.verifier.expose().clone(),
+            created_at: unix_now(),
+            outcome: None,
+            from_page,
         };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let lifetime = std::time::Duration::from_secs(PENDING_LIFETIME_S);
-        for entry in entries.flatten() {
-            let stale = entry.file_name().to_string_lossy().starts_with("pending-")
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > lifetime));
-            if stale {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    fn write(&self, state: &str, pending: &Pending) -> Result<(), TokenError> {
+        // Flows abandoned in the browser, or finished by a process that
+        // didn't clean up, go when the next one starts.
+        self.store.sweep(PENDING_LIFETIME).await;
         self.store
-            .save_value(&Self::name(state), pending)
-            .map_err(TokenError::from)
+            .put(&Self::key(started.state.expose()), &flow)
+            .await?;
+        Ok(started)
     }
 
     /// The flow with this state, if it exists and is fresh.
     ///
     /// # Errors
     /// When the store can't be read.
-    pub fn load(&self, state: &str) -> Result<Option<Pending>, TokenError> {
-        let pending: Option<Pending> = self.store.load_value(&Self::name(state))?;
-        Ok(pending.filter(|p| now().saturating_sub(p.created_at) < PENDING_LIFETIME_S))
+    pub async fn load(&self, state: &str) -> Result<Option<PendingFlow>, StoreError> {
+        let flow = self.store.get(&Self::key(state)).await?;
+        Ok(flow.filter(|f| unix_now().saturating_sub(f.created_at) < PENDING_LIFETIME.as_secs()))
     }
 
     /// Forgets a flow.
-    pub fn remove(&self, state: &str) {
-        let _ = std::fs::remove_file(self.store.path(&Self::name(state)));
-    }
-
-    /// The file a flow lives in (for tests and cleanup).
-    pub fn path(&self, state: &str) -> PathBuf {
-        self.store.path(&Self::name(state))
+    pub async fn remove(&self, state: &str) {
+        self.store.remove(&Self::key(state)).await;
     }
 
     /// Records how a flow ended, for the process that started it.
-    pub fn finish(&self, state: &str, mut pending: Pending, outcome: Result<(), String>) {
-        pending.outcome = Some(outcome);
-        let _ = self.write(state, &pending);
+    pub async fn finish(&self, state: &str, mut flow: PendingFlow, outcome: Result<(), String>) {
+        flow.outcome = Some(outcome);
+        let _ = self.store.put(&Self::key(state), &flow).await;
     }
 }
 
@@ -176,9 +122,11 @@ fn explain(error: &str) -> &'static str {
 
 /// Completes the flow that `state` names: exchanges the code with the PKCE
 /// verifier and stores the tokens. Returns the account's name.
+#[allow(clippy::too_many_arguments)]
 pub async fn finish(
-    pending_store: &PendingStore,
-    s: &Services,
+    flows: &Flows,
+    config: &Config,
+    tokens: &Tokens,
     integration: &Integration,
     code: Option<&str>,
     state: Option<&str>,
@@ -186,8 +134,9 @@ pub async fn finish(
     error_description: Option<&str>,
 ) -> Result<String, CallbackError> {
     let pending = match state {
-        Some(state) => pending_store
+        Some(state) => flows
             .load(state)
+            .await
             .map_err(|e| CallbackError::Exchange(e.to_string()))?,
         None => None,
     };
@@ -201,7 +150,9 @@ pub async fn finish(
             Some(d) => format!("{error} ({d}): {}", explain(error)),
             None => format!("{error}: {}", explain(error)),
         };
-        pending_store.finish(state, p, Err(format!("the provider refused: {why}")));
+        flows
+            .finish(state, p, Err(format!("the provider refused: {why}")))
+            .await;
         return Err(CallbackError::Provider(why));
     }
     let (Some(code), Some(state)) = (code, state) else {
@@ -210,8 +161,7 @@ pub async fn finish(
     let pending = pending
         .filter(|p| p.outcome.is_none())
         .ok_or(CallbackError::UnknownState)?;
-    let account = s
-        .config
+    let account = config
         .accounts
         .get(&pending.account)
         .cloned()
@@ -221,29 +171,28 @@ pub async fn finish(
             account.integration.name.clone(),
         ));
     }
-    let redirect = s
-        .config
+    let redirect = config
         .redirect_url(integration)
         .ok_or(CallbackError::UnknownState)?;
     let result = async {
         let granted = grant::exchange_code(
-            s.tokens.http(),
+            tokens.http(),
             integration,
             &redirect,
             code,
             &Secret::new(pending.verifier.clone()),
         )
         .await?;
-        s.tokens.install(&account, granted).await
+        tokens.install(&account, granted).await
     }
     .await;
     match result {
         Ok(()) => {
-            pending_store.finish(state, pending, Ok(()));
+            flows.finish(state, pending, Ok(())).await;
             Ok(account.name.clone())
         }
         Err(e) => {
-            pending_store.finish(state, pending, Err(e.to_string()));
+            flows.finish(state, pending, Err(e.to_string())).await;
             Err(CallbackError::Exchange(e.to_string()))
         }
     }
