@@ -71,6 +71,7 @@ impl<'de> serde::Deserialize<'de> for Protocol {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -80,5 +81,18 @@ mod tests {
         }
         assert_eq!(Protocol::all().count(), COUNT);
         assert!(Protocol::from_name("smtp2").is_none());
+    }
+
+    #[test]
+    fn a_logout_is_recognised_only_as_the_client_s_last_complete_line() {
+        let imap = Protocol::from_name("imap").unwrap();
+        assert!((imap.logged_out)(b"b SELECT INBOX\r\nc LOGOUT\r\n"));
+        assert!((imap.logged_out)(b"z logout\n"));
+        assert!(!(imap.logged_out)(b"c LOGOUT"), "not sent whole");
+        assert!(!(imap.logged_out)(b"c LOGOUT\r\nd NOOP\r\n"));
+        let pop3 = Protocol::from_name("pop3").unwrap();
+        assert!((pop3.logged_out)(b"STAT\r\nQUIT\r\n"));
+        assert!(!(pop3.logged_out)(b"QUIT\r\nSTAT\r\n"));
+        assert!(!(pop3.logged_out)(b""));
     }
 }

@@ -327,7 +327,22 @@ async fn json_logs_hold_one_summary_per_connection_and_no_secret() {
         assert_eq!(s["fields"]["account"], "logs");
         assert!(s["fields"]["bytes_from_upstream"].as_u64().unwrap() > 0);
         assert!(s["fields"]["duration_ms"].is_u64(), "{s}");
+        // LOGOUT / QUIT, then a drop without close_notify: a normal end.
+        assert_eq!(s["fields"]["error_kind"], "none", "{s}");
+        assert_eq!(s["fields"]["blame"], "none", "{s}");
     }
+    // The wrong password, then a hang-up: the client's doing, and why its
+    // login failed.
+    let refused = summaries
+        .iter()
+        .find(|s| s["fields"]["outcome"] == "closed_before_login")
+        .expect("the refused connection's summary");
+    assert_eq!(refused["fields"]["error_kind"], "client_gone", "{refused}");
+    assert_eq!(refused["fields"]["blame"], "client", "{refused}");
+    assert_eq!(
+        refused["fields"]["login_failure"], "bad_credentials",
+        "{refused}"
+    );
 }
 
 /// SIGHUP: a relayed session survives, a new account works, and an invalid

@@ -25,6 +25,7 @@ pub static PROTOCOL: Descriptor = Descriptor {
     title: "IMAP",
     new_session,
     new_login,
+    logged_out,
     logout: b"z LOGOUT\r\n",
     logout_done: b"z OK",
     // RFC 9051 §5.4: an autologout timer of at least 30 minutes.
@@ -32,6 +33,13 @@ pub static PROTOCOL: Descriptor = Descriptor {
     default_upstream,
     microsoft_scope: "IMAP.AccessAsUser.All",
 };
+
+/// `tag LOGOUT` (RFC 9051 §6.1.3) as the client's last line.
+fn logged_out(tail: &[u8]) -> bool {
+    crate::proto::descriptor::last_line(tail)
+        .and_then(|line| parse::command(line).ok())
+        .is_some_and(|c| c.command == parse::Command::Logout)
+}
 
 fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
     Box::new(Session::new(Options {

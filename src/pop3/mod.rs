@@ -26,6 +26,7 @@ pub static PROTOCOL: Descriptor = Descriptor {
     title: "POP3",
     new_session,
     new_login,
+    logged_out,
     logout: b"QUIT\r\n",
     logout_done: b"+OK",
     // RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
@@ -33,6 +34,13 @@ pub static PROTOCOL: Descriptor = Descriptor {
     default_upstream,
     microsoft_scope: "POP.AccessAsUser.All",
 };
+
+/// `QUIT` (RFC 1939 §6) as the client's last line.
+fn logged_out(tail: &[u8]) -> bool {
+    crate::proto::descriptor::last_line(tail)
+        .and_then(|line| parse::command(line).ok())
+        .is_some_and(|c| c == parse::Command::Quit)
+}
 
 fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
     Box::new(Session::new(Options {

@@ -8,6 +8,14 @@ use std::time::Duration;
 use super::{ClientSession, FrameLimits, UpstreamLogin, UpstreamTls};
 use crate::secret::Secret;
 
+/// The last complete line of `tail`, without its line ending: the bytes
+/// after the previous LF (or all of `tail`), when `tail` ends with LF.
+pub fn last_line(tail: &[u8]) -> Option<&[u8]> {
+    let body = tail.strip_suffix(b"\n")?;
+    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Some(&tail[start..])
+}
+
 /// How a listener's clients get TLS. Plaintext exists only on loopback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerTls {
@@ -66,6 +74,10 @@ pub struct Descriptor {
     pub logout: &'static [u8],
     /// How the answer to `logout` starts, on a line of its own.
     pub logout_done: &'static [u8],
+    /// Whether the last bytes a client sent (up to 32) end with its logout
+    /// command: a client that then drops without a TLS close_notify ended
+    /// its session normally.
+    pub logged_out: fn(tail: &[u8]) -> bool,
     /// How long a logged-in session may stay silent both ways before the
     /// gateway closes it, unless the config says otherwise.
     pub default_idle_timeout: Duration,

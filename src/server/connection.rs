@@ -45,6 +45,16 @@ enum Closed {
 }
 
 impl Closed {
+    /// A failed read from the client. A TCP close without a TLS
+    /// close_notify is the client going away, as a clean close would be.
+    fn from_read(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Self::ClientGone
+        } else {
+            Self::ClientIo(e)
+        }
+    }
+
     /// The closed set of endings.
     fn kind(&self) -> ErrorKind {
         match self {
@@ -249,7 +259,8 @@ impl Connection<'_> {
             Ok((account, logged_in, to_upstream)) => {
                 info!(%account, "logged in");
                 let idle = limits.idle_timeout(self.protocol);
-                relay(account, client, logged_in, to_upstream, idle)
+                let logged_out = self.protocol.logged_out;
+                relay(account, client, logged_in, to_upstream, idle, logged_out)
                     .await
                     .map_err(refused)
             }
@@ -342,7 +353,7 @@ impl Connection<'_> {
             match read {
                 Ok(0) => return Err(Closed::ClientGone),
                 Ok(_) => session.feed(&buf),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(Closed::from_read(e)),
             }
         }
     }
@@ -373,7 +384,7 @@ impl Connection<'_> {
                         kept += n;
                         session.feed(&buf);
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(Closed::from_read(e)),
                 },
             }
         }
@@ -430,6 +441,7 @@ async fn relay(
     logged_in: LoggedIn,
     to_upstream: bytes::Bytes,
     idle: Duration,
+    logged_out: fn(&[u8]) -> bool,
 ) -> Result<Relayed, Closed> {
     let LoggedIn {
         stream: mut upstream,
@@ -455,7 +467,7 @@ async fn relay(
     let activity = Activity::new();
     let mut counts = Counts::default();
     let (ended, error) = tokio::select! {
-        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts) => match result {
+        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts, logged_out) => match result {
             Ok(()) => (ErrorKind::None, None),
             Err(RelayError { side: Side::Client, error }) => (ErrorKind::ClientIo, Some(error.to_string())),
             Err(RelayError { side: Side::Upstream, error }) => (ErrorKind::UpstreamIo, Some(error.to_string())),

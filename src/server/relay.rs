@@ -44,6 +44,37 @@ struct Direction {
     /// A read error that came after some bytes: returned once they are
     /// written.
     failed: Option<io::Error>,
+    /// The last bytes read, for telling a logout from the client's last
+    /// line (a fixed array: nothing to allocate per session).
+    tail: Tail,
+}
+
+/// The last [`TAIL`] bytes a direction read.
+#[derive(Default)]
+struct Tail {
+    bytes: [u8; TAIL],
+    len: usize,
+}
+
+/// Enough for `<tag> LOGOUT` with any tag a client really sends, or `QUIT`.
+const TAIL: usize = 32;
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= TAIL {
+            self.bytes.copy_from_slice(&data[data.len() - TAIL..]);
+            self.len = TAIL;
+            return;
+        }
+        let keep = self.len.min(TAIL - data.len());
+        self.bytes.copy_within(self.len - keep..self.len, 0);
+        self.bytes[keep..keep + data.len()].copy_from_slice(data);
+        self.len = keep + data.len();
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 impl Direction {
@@ -146,6 +177,7 @@ impl Direction {
         let data = buf.filled();
         if !data.is_empty() {
             self.count += data.len() as u64;
+            self.tail.push(data);
             activity.touch();
         }
         let mut off = 0;
@@ -247,10 +279,11 @@ pub struct RelayError {
 /// holds what was read so far even when this fails or is dropped
 /// half-way, so that a session cut short is still counted.
 ///
-/// A client that closes its TCP connection without a TLS close_notify
-/// after the upstream has ended the session (its answer to `LOGOUT` or
-/// `QUIT`, then its close) ends normally: nothing of the session is lost,
-/// and many clients close that way.
+/// A client that closes its TCP connection without a TLS close_notify, or
+/// resets it, once its session is over ends normally: nothing of the
+/// session is lost, and many clients close that way. Over means the
+/// upstream has closed, or `logged_out` says the client's last line was
+/// its logout (`LOGOUT`, `QUIT`) and the upstream has answered since.
 ///
 /// # Errors
 /// The first I/O error of either side.
@@ -259,6 +292,7 @@ pub async fn relay<C, U>(
     upstream: &mut U,
     activity: &Activity,
     counts: &mut Counts,
+    logged_out: fn(&[u8]) -> bool,
 ) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -267,7 +301,14 @@ where
     let mut up = Direction::default();
     let mut down = Direction::default();
     let (mut up_done, mut down_done) = (false, false);
+    // How much the upstream had sent when the client last sent something.
+    let (mut client_count, mut upstream_count_then) = (0, 0);
     let result = poll_fn(|cx| {
+        // Whether the client's session is over: the upstream closed, or it
+        // answered the client's logout.
+        let over = |up: &Direction, down: &Direction, then: u64| {
+            down.eof || (logged_out(up.tail.get()) && down.count > then)
+        };
         // Downstream first: when the upstream's close and the client's
         // arrive together, the upstream's is seen first.
         if !down_done {
@@ -279,6 +320,10 @@ where
                         error,
                     }))
                 }
+                // A client gone after its session: nothing left to deliver.
+                Poll::Ready(Err((Failure::Write, _))) if over(&up, &down, upstream_count_then) => {
+                    down_done = true;
+                }
                 Poll::Ready(Err((Failure::Write, error))) => {
                     return Poll::Ready(Err(RelayError {
                         side: Side::Client,
@@ -289,13 +334,18 @@ where
             }
         }
         if !up_done {
-            match up.poll(cx, client, upstream, activity) {
+            let mut polled = up.poll(cx, client, upstream, activity);
+            if matches!(polled, Poll::Ready(Err((Failure::Read, _))))
+                && over(&up, &down, upstream_count_then)
+            {
+                // The client closed after its session, without close_notify
+                // or with a reset: end this direction as at a clean end of
+                // file, shutting the upstream's side down.
+                up.eof = true;
+                polled = up.poll(cx, client, upstream, activity);
+            }
+            match polled {
                 Poll::Ready(Ok(())) => up_done = true,
-                Poll::Ready(Err((Failure::Read, e)))
-                    if e.kind() == io::ErrorKind::UnexpectedEof && down.eof =>
-                {
-                    up_done = true;
-                }
                 Poll::Ready(Err((Failure::Read, error))) => {
                     return Poll::Ready(Err(RelayError {
                         side: Side::Client,
@@ -310,6 +360,10 @@ where
                 }
                 Poll::Pending => {}
             }
+        }
+        if up.count != client_count {
+            client_count = up.count;
+            upstream_count_then = down.count;
         }
         counts.from_client = up.count;
         counts.from_upstream = down.count;
@@ -349,7 +403,9 @@ mod tests {
         let activity = Activity::new();
         let mut counts = Counts::default();
         let (relayed, (), (), got_down, got_up) = tokio::join!(
-            relay(&mut client, &mut upstream, &activity, &mut counts),
+            relay(&mut client, &mut upstream, &activity, &mut counts, |_| {
+                false
+            }),
             async {
                 upstream_w.write_all(&down).await.unwrap();
                 upstream_w.shutdown().await.unwrap();
@@ -497,14 +553,111 @@ mod tests {
             .unwrap();
         upstream_far.shutdown().await.unwrap();
         let mut counts = Counts::default();
-        let ended = relay(&mut Unclean, &mut upstream, &Activity::new(), &mut counts).await;
+        let ended = relay(
+            &mut Unclean,
+            &mut upstream,
+            &Activity::new(),
+            &mut counts,
+            |_| false,
+        )
+        .await;
         assert!(ended.is_ok(), "{ended:?}");
         assert_eq!(counts.from_upstream, 42);
 
         let (mut upstream, _still_open) = tokio::io::duplex(4096);
-        let ended = relay(&mut Unclean, &mut upstream, &Activity::new(), &mut counts).await;
+        let ended = relay(
+            &mut Unclean,
+            &mut upstream,
+            &Activity::new(),
+            &mut counts,
+            |_| false,
+        )
+        .await;
         let error = ended.unwrap_err();
         assert_eq!(error.side, Side::Client);
         assert_eq!(error.error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A client that logs out, waits for the answer, then hangs up
+    /// without close_notify.
+    #[derive(Default)]
+    struct LogsOut {
+        sent: bool,
+        answered: bool,
+        waker: Option<std::task::Waker>,
+    }
+
+    impl AsyncRead for LogsOut {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if !self.sent {
+                self.sent = true;
+                buf.put_slice(b"a LOGOUT\r\n");
+                return Poll::Ready(Ok(()));
+            }
+            if self.answered {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for LogsOut {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.answered = true;
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// An upstream that answers the logout but hasn't closed yet (POP3's
+    /// QUIT commits its deletions first): the client's drop after the
+    /// answer is still a normal end, when the protocol says its last line
+    /// was the logout.
+    #[tokio::test]
+    async fn an_unclean_close_after_an_answered_logout_is_a_normal_end() {
+        let logout = |tail: &[u8]| tail.ends_with(b"LOGOUT\r\n");
+        for (logged_out, normal) in [
+            (logout as fn(&[u8]) -> bool, true),
+            (|_: &[u8]| false, false),
+        ] {
+            let (mut upstream, mut upstream_far) = tokio::io::duplex(4096);
+            // The upstream answers, then closes once its client has.
+            tokio::spawn(async move {
+                let mut command = [0u8; 10];
+                upstream_far.read_exact(&mut command).await.unwrap();
+                upstream_far.write_all(b"* BYE\r\na OK\r\n").await.unwrap();
+                let _ = upstream_far.read_to_end(&mut Vec::new()).await;
+            });
+            let mut client = LogsOut::default();
+            let mut counts = Counts::default();
+            let ended = relay(
+                &mut client,
+                &mut upstream,
+                &Activity::new(),
+                &mut counts,
+                logged_out,
+            )
+            .await;
+            assert_eq!(ended.is_ok(), normal, "{ended:?}");
+        }
     }
 }

@@ -29,6 +29,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_L
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
 
+use super::key::{load_or_create_key, parse_key};
 use super::{
     Lease, PendingFlow, PendingFlows, Record, SaveError, StoreError, TokenStore, Version, Versioned,
 };
@@ -447,52 +448,6 @@ impl PendingFlows for FileStore {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-    }
-}
-
-fn parse_key(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(key)
-}
-
-fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse_key(&text)
-            .ok_or_else(|| error(path, "must hold 64 hexadecimal digits (32 bytes)")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            SystemRandom::new()
-                .fill(&mut key)
-                .map_err(|_| error(path, "no randomness"))?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| error(parent, e))?;
-            }
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            // create_new: two processes starting at once can't both write a key.
-            let created = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .and_then(|mut f| {
-                    f.write_all(hex.as_bytes())?;
-                    f.write_all(b"\n")?;
-                    f.sync_all()
-                });
-            match created {
-                Ok(()) => Ok(key),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_key(path),
-                Err(e) => Err(error(path, e)),
-            }
-        }
-        Err(e) => Err(error(path, e)),
     }
 }
 

@@ -12,6 +12,7 @@
 //! traits.
 
 pub mod file;
+mod key;
 
 use std::time::Duration;
 
