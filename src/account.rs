@@ -223,6 +223,7 @@ mod tests {
         Credentials {
             username: username.into(),
             password: Secret::new(password.as_bytes().to_vec()),
+            hello: None,
         }
     }
 

@@ -35,6 +35,8 @@ pub enum StartError {
     Listen(std::io::Error),
     #[error("http listen: {0}")]
     HttpListen(std::io::Error),
+    #[error("reload: {0}")]
+    Reload(String),
 }
 
 /// A running gateway.
@@ -94,6 +96,22 @@ impl Running {
         }
         config.limits = running.limits;
         config.listeners = running.listeners.clone();
+        config.hostname = running.hostname.clone();
+        if config.state_dir != running.state_dir || config.store_key != running.store_key {
+            warn!("state_dir or the store key changed: the token store stays as it started until the next restart");
+        }
+        // Accounts were checked against the file's listeners; the running
+        // ones are what they will be served on.
+        for account in config.accounts.values() {
+            for listener in &config.listeners {
+                if account.upstream(listener.protocol).is_none() {
+                    return Err(StartError::Reload(format!(
+                        "accounts.{}.{}: is required, a {} listener is running",
+                        account.name, listener.protocol, listener.protocol.title
+                    )));
+                }
+            }
+        }
         let services = Services::build(
             Arc::new(config),
             self.metrics.clone(),
@@ -102,6 +120,8 @@ impl Running {
         let tokens = services.tokens.clone();
         let background = services.config.oauth.refresh_in_background;
         self.services.replace(services);
+        // Spares were dialled with the old connectors (CA files may differ).
+        self.gateway.forget_spares();
         // The old generation's refresher stops; the new one starts.
         let (refresher, receiver) = watch::channel(false);
         let _ = std::mem::replace(&mut self.refresher, refresher).send(true);

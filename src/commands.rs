@@ -234,11 +234,12 @@ async fn authorize_device(tokens: &Tokens, account: &Account) -> ExitCode {
 }
 
 pub async fn status(config: Config) -> ExitCode {
-    let (_, services) = match services(Arc::new(config)) {
-        Ok(s) => s,
-        Err(code) => return code,
+    // Only the store: a status must show even when the rest of the
+    // config's services (a CA file, say) can't be built.
+    let store = match oauth::open_store(&config) {
+        Ok(s) => s.tokens,
+        Err(e) => return fail(e),
     };
-    let config = &services.config;
     let mut needs = false;
     for i in config.integrations.values() {
         println!("integration {} ({:?})", i.name, i.provider);
@@ -267,7 +268,8 @@ pub async fn status(config: Config) -> ExitCode {
             None => println!("  redirect URL: (no [http] table)"),
         }
     }
-    for (a, status) in services.tokens.statuses().await {
+    for a in config.accounts.values() {
+        let status = oauth::status_of(store.as_ref(), a).await;
         println!(
             "account {} (user {}, integration {}, mailbox {}, grant {:?})",
             a.name, a.username, a.integration.name, a.mailbox, a.grant
@@ -343,8 +345,14 @@ pub async fn test(config: Config, target: &str) -> ExitCode {
     let mut ok = true;
     for account in accounts {
         println!("account {} ({})", account.name, account.mailbox);
-        for step in
-            probe::test_account(&services.tokens, &services.connectors, &account, timeout).await
+        for step in probe::test_account(
+            &services.tokens,
+            &services.connectors,
+            &account,
+            timeout,
+            &services.config.hostname,
+        )
+        .await
         {
             let ms = step.elapsed.as_millis();
             match step.outcome {

@@ -4,7 +4,7 @@
 //!
 //! Module map, arrows pointing down only (ARCHITECTURE.md has the whole
 //! map, and `tests/architecture.rs` checks it):
-//! - [`proto`], [`imap`], [`pop3`], [`protocol`], [`secret`]: sans-io
+//! - [`proto`], [`imap`], [`pop3`], [`smtp`], [`protocol`], [`secret`]: sans-io
 //!   protocol code (no tokio, rustls or reqwest), built even without the
 //!   `server` feature so that the fuzz targets compile only these. Each
 //!   protocol is a descriptor; [`protocol`] is the one registry of them.
@@ -25,6 +25,7 @@ pub mod pop3;
 pub mod proto;
 pub mod protocol;
 pub mod secret;
+pub mod smtp;
 
 #[cfg(feature = "server")]
 pub mod account;

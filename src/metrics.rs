@@ -36,6 +36,7 @@ pub enum LoginOutcome {
     Unavailable,
     NeedsAuthorization,
     InUse,
+    SessionLimit,
 }
 
 impl LoginOutcome {
@@ -46,6 +47,7 @@ impl LoginOutcome {
             Self::Unavailable => "unavailable",
             Self::NeedsAuthorization => "needs_authorization",
             Self::InUse => "in_use",
+            Self::SessionLimit => "session_limit",
         }
     }
 }
@@ -59,6 +61,7 @@ impl From<LoginFailure> for LoginOutcome {
                 Self::NeedsAuthorization
             }
             LoginFailure::InUse => Self::InUse,
+            LoginFailure::SessionLimit => Self::SessionLimit,
         }
     }
 }

@@ -6,7 +6,11 @@
 use crate::proto::Descriptor;
 
 /// Every protocol, in the order the config and the metrics list them.
-pub static ALL: [&Descriptor; 2] = [&crate::imap::PROTOCOL, &crate::pop3::PROTOCOL];
+pub static ALL: [&Descriptor; 3] = [
+    &crate::imap::PROTOCOL,
+    &crate::pop3::PROTOCOL,
+    &crate::smtp::PROTOCOL,
+];
 
 /// How many protocols there are.
 pub const COUNT: usize = ALL.len();

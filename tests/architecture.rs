@@ -23,7 +23,7 @@ fn protocol_modules_import_no_io_crates() {
         "crate::app",
     ];
     let mut checked = 0;
-    for dir in ["proto", "imap", "pop3"] {
+    for dir in ["proto", "imap", "pop3", "smtp"] {
         for entry in std::fs::read_dir(root.join(dir)).expect("module dir") {
             let path = entry.expect("entry").path();
             let text = std::fs::read_to_string(&path).expect("source");
@@ -40,7 +40,7 @@ fn protocol_modules_import_no_io_crates() {
         }
     }
     assert!(
-        checked >= 6,
+        checked >= 12,
         "expected the protocol sources, found {checked}"
     );
 }
@@ -95,7 +95,7 @@ fn code_lines(path: &Path) -> Vec<String> {
 const LAYERS: &[&[&str]] = &[
     &["secret"],
     &["proto"],
-    &["imap", "pop3"],
+    &["imap", "pop3", "smtp"],
     &["protocol"],
     &["config"],
     &["tls", "metrics", "account"],
@@ -160,7 +160,7 @@ fn layers_point_down() {
 /// descriptor.
 #[test]
 fn only_the_protocol_modules_and_the_registry_name_a_protocol() {
-    let allowed = ["proto", "imap", "pop3", "protocol", "lib"];
+    let allowed = ["proto", "imap", "pop3", "smtp", "protocol", "lib"];
     let mut checked = 0;
     for (module, path) in sources() {
         if allowed.contains(&module.as_str()) {
@@ -168,7 +168,14 @@ fn only_the_protocol_modules_and_the_registry_name_a_protocol() {
         }
         for line in code_lines(&path) {
             let lower = line.to_ascii_lowercase();
-            for word in ["imap::", "pop3::", "protocol::imap", "protocol::pop3"] {
+            for word in [
+                "imap::",
+                "pop3::",
+                "smtp::",
+                "protocol::imap",
+                "protocol::pop3",
+                "protocol::smtp",
+            ] {
                 assert!(
                     !lower.contains(word),
                     "{} names a protocol ({word}): {line}",
@@ -176,7 +183,9 @@ fn only_the_protocol_modules_and_the_registry_name_a_protocol() {
                 );
             }
             assert!(
-                !line.contains("\"imap\"") && !line.contains("\"pop3\""),
+                !["\"imap\"", "\"pop3\"", "\"smtp\""]
+                    .iter()
+                    .any(|l| line.contains(l)),
                 "{} names a protocol by its label: {line}",
                 path.display()
             );

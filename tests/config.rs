@@ -311,6 +311,7 @@ fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
     let creds = |u: &str, p: &[u8]| mailgate::proto::Credentials {
         username: u.into(),
         password: mailgate::secret::Secret::new(p.to_vec()),
+        hello: None,
     };
     assert!(accounts.verify(&creds("jira", b"correct horse")).is_ok());
     assert!(accounts.verify(&creds("jira", b"correct horse\n")).is_err());

@@ -7,11 +7,11 @@
 //! `\\` and `\xHH` are escapes; any other backslash stands for itself):
 //! - client sessions: `cl> bytes` the client sends; `>cl bytes` we answer;
 //!   `!starttls`, `!auth USER PASS`, `!splice BYTES`, `!close` are expected
-//!   actions; `=tls`, `=ok CAPS...`, `=fail bad|unavailable|needs-auth|in-use`
+//!   actions; `=tls`, `=ok CAPS...`, `=fail bad|unavailable|needs-auth|not-authorized|in-use|session-limit`
 //!   are the driver's calls.
 //! - upstream logins: `up> bytes` the upstream sends; `>up bytes` we send;
 //!   `!starttls`, `!loggedin CAPS...`, `!leftover BYTES`, `!rejected STATUS|-`,
-//!   `!in-use`, `!unavailable`, `!protocol` are expected actions; `=tls` is
+//!   `!in-use`, `!unavailable`, `!protocol`, `!disabled` are expected actions; `=tls` is
 //!   the driver's call.
 #![allow(
     clippy::unwrap_used,
@@ -28,7 +28,7 @@ use mailgate::proto::{
     UpstreamLogin, UpstreamTls,
 };
 use mailgate::secret::Secret;
-use mailgate::{imap, pop3};
+use mailgate::{imap, pop3, smtp};
 
 const CHUNKS: [usize; 6] = [1, 2, 3, 7, 64, usize::MAX];
 
@@ -244,6 +244,48 @@ fn pop3_session(name: &str) -> Box<dyn ClientSession> {
     }))
 }
 
+/// SMTP transcripts named `starttls*` run on a STARTTLS listener; those
+/// named `known-upstream*` know one upstream's EHLO keywords.
+fn smtp_session(name: &str) -> Box<dyn ClientSession> {
+    let starttls = name.starts_with("starttls");
+    let known: Vec<String> = [
+        "SIZE 10485760",
+        "PIPELINING",
+        "AUTH XOAUTH2",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ETRN",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    Box::new(smtp::Session::new(smtp::Options {
+        tls_active: !starttls,
+        starttls,
+        loopback_plaintext: false,
+        limits: LIMITS,
+        host: "gw.example".into(),
+        upstream_capabilities: name
+            .starts_with("known-upstream")
+            .then(|| vec![std::sync::Arc::<[String]>::from(known)].into()),
+    }))
+}
+
+/// A long token (`*long-token*`) doesn't fit one SMTP command line.
+fn smtp_upstream(name: &str) -> Box<dyn UpstreamLogin> {
+    let token = if name.contains("long-token") {
+        "t".repeat(600)
+    } else {
+        "tok".to_owned()
+    };
+    Box::new(smtp::Upstream::new(
+        "alice@example.test",
+        &Secret::new(token),
+        upstream_tls(name),
+        "client.example",
+    ))
+}
+
 fn upstream_tls(name: &str) -> UpstreamTls {
     if name.starts_with("starttls") {
         UpstreamTls::StartTls
@@ -293,6 +335,7 @@ fn run_client(name: &str, text: &str, chunk: usize, new: fn(&str) -> Box<dyn Cli
                     "unavailable" => LoginFailure::Unavailable,
                     "needs-auth" => LoginFailure::NeedsAuthorization,
                     "not-authorized" => LoginFailure::NotAuthorizedYet,
+                    "session-limit" => LoginFailure::SessionLimit,
                     "in-use" => LoginFailure::InUse,
                     other => panic!("unknown failure {other}"),
                 }),
@@ -345,6 +388,10 @@ fn upstream_action(action: UpstreamAction, out: &mut Vec<(Kind, String)>) {
         }
         UpstreamAction::Failed(UpstreamFailure::Protocol(_)) => {
             out.push((Kind::Action, "protocol ".into()))
+        }
+        UpstreamAction::Failed(UpstreamFailure::Disabled(why)) => {
+            assert!(why.contains("Set-CASMailbox"), "{why}");
+            out.push((Kind::Action, "disabled ".into()))
         }
     }
 }
@@ -423,6 +470,20 @@ fn pop3_upstream_transcripts() {
     run_dir(
         "pop3-upstream",
         pop3_upstream as fn(&str) -> _,
+        run_upstream,
+    );
+}
+
+#[test]
+fn smtp_client_transcripts() {
+    run_dir("smtp-client", smtp_session as fn(&str) -> _, run_client);
+}
+
+#[test]
+fn smtp_upstream_transcripts() {
+    run_dir(
+        "smtp-upstream",
+        smtp_upstream as fn(&str) -> _,
         run_upstream,
     );
 }

@@ -219,6 +219,7 @@ pub async fn test(
         &services.connectors,
         &account,
         services.config.limits.upstream_timeout,
+        &services.config.hostname,
     )
     .await;
     let failed = steps.iter().any(|step| step.outcome.is_err());

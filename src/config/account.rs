@@ -31,6 +31,16 @@ pub struct Account {
     pub upstreams: BTreeMap<Protocol, UpstreamServer>,
 }
 
+impl UpstreamServer {
+    /// A name for this server and how it is reached, for per-server tables.
+    pub fn id(&self) -> String {
+        format!(
+            "{}:{}:{:?}:{:?}",
+            self.host, self.port, self.tls, self.ca_file
+        )
+    }
+}
+
 impl Account {
     /// The upstream for `protocol`.
     pub fn upstream(&self, protocol: Protocol) -> Option<&UpstreamServer> {
@@ -46,6 +56,9 @@ pub struct UpstreamServer {
     pub tls: UpstreamTls,
     /// An extra CA, trusted beside the webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// The account's upstream sessions at once, at most (Microsoft allows
+    /// 3 SMTP sessions per mailbox); `None`: no cap.
+    pub max_sessions: Option<usize>,
 }
 
 /// Validates `[accounts.NAME]`; `served` says whether a listener serves a
@@ -104,7 +117,17 @@ pub(super) fn account(
         let default = integration
             .mail_provider
             .map(|p| (protocol.default_upstream)(p));
-        if let Some(server) = upstream_or_default(&key, given, default, served(protocol))? {
+        let cap = integration
+            .mail_provider
+            .and_then(|p| (protocol.sessions_per_mailbox)(p));
+        if let Some(mut server) = upstream_or_default(&key, given, default, served(protocol))? {
+            server.max_sessions = server.max_sessions.or(cap);
+            if server.max_sessions == Some(0) {
+                return Err(invalid(
+                    format!("{key}.max_sessions"),
+                    "must be greater than 0",
+                ));
+            }
             upstreams.insert(protocol, server);
         }
     }
@@ -158,6 +181,7 @@ fn upstream_or_default(
             port: d.port,
             tls: d.tls,
             ca_file: None,
+            max_sessions: None,
         })),
         (None, None) if served => Err(invalid(
             key,
@@ -206,5 +230,6 @@ fn upstream(key: &str, u: raw::Upstream) -> Result<UpstreamServer, ConfigError> 
             raw::UpstreamTls::Starttls => UpstreamTls::StartTls,
         },
         ca_file: u.ca_file,
+        max_sessions: u.max_sessions,
     })
 }

@@ -7,6 +7,7 @@ use url::Url;
 
 use super::catalogue::provider_defaults;
 use super::{invalid, raw, Cloud, ConfigError, OAuthSettings, Provider};
+use crate::proto::sasl::OAuthMechanism;
 use crate::proto::KnownProvider;
 use crate::secret::Secret;
 
@@ -34,6 +35,9 @@ pub struct Integration {
     /// Which provider's mail hosts the accounts default to; `None` for a
     /// custom provider.
     pub mail_provider: Option<KnownProvider>,
+    /// The SASL mechanism of our login upstream (`mechanism`): XOAUTH2,
+    /// what Google and Microsoft take, unless the config says OAUTHBEARER.
+    pub mechanism: OAuthMechanism,
 }
 
 /// A client certificate and key for `private_key_jwt` (RFC 7523 §2.2).
@@ -183,6 +187,10 @@ pub(super) fn integration(
         token_endpoint,
         device_authorization_endpoint,
         mail_provider: defaults.as_ref().map(|d| d.mail),
+        mechanism: match i.mechanism {
+            None | Some(raw::Mechanism::Xoauth2) => OAuthMechanism::XOAuth2,
+            Some(raw::Mechanism::Oauthbearer) => OAuthMechanism::OAuthBearer,
+        },
     })
 }
 

@@ -64,6 +64,8 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// The gateway's host name, for greetings that name the server (SMTP).
+    pub hostname: String,
     pub http: Option<HttpSettings>,
     /// Where the token store's key comes from.
     pub store_key: KeySource,
@@ -234,7 +236,18 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let hostname = match raw.hostname {
+        Some(name) => name,
+        None => system_hostname(),
+    };
+    if !crate::proto::descriptor::is_host_name(&hostname) {
+        return Err(invalid(
+            "hostname",
+            format!("{hostname:?} is not a domain name"),
+        ));
+    }
     Ok(Config {
+        hostname,
         http,
         store_key,
         log,
@@ -308,6 +321,15 @@ fn check_certificate_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
     rustls::pki_types::PrivateKeyDer::from_pem_file(key)
         .map(|_| ())
         .map_err(|e| invalid("certificate.key", format!("{}: {e}", key.display())))
+}
+
+/// The machine's host name, or `localhost` when it can't be read.
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| crate::proto::descriptor::is_host_name(h))
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Names of integrations and accounts: they name files in the token store.

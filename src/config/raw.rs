@@ -17,6 +17,8 @@ pub type PerProtocol = BTreeMap<String, figment::value::Value>;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// The gateway's host name in greetings (SMTP's `220` and `EHLO`).
+    pub hostname: Option<String>,
     pub http: Option<Http>,
     #[serde(default)]
     pub store: Store,
@@ -119,6 +121,8 @@ pub struct Limits {
     pub login_failure_max_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub upstream_spare_for: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub upstream_session_wait: Option<Duration>,
     #[serde(flatten)]
     pub per_protocol: PerProtocol,
 }
@@ -178,6 +182,15 @@ pub struct Integration {
     pub service_account_file: Option<PathBuf>,
     /// The date the client secret expires, `YYYY-MM-DD`.
     pub client_secret_expires: Option<String>,
+    /// The SASL mechanism of our login upstream.
+    pub mechanism: Option<Mechanism>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    Xoauth2,
+    Oauthbearer,
 }
 
 /// Microsoft's national clouds.
@@ -261,6 +274,8 @@ pub struct Upstream {
     #[serde(default = "implicit")]
     pub tls: UpstreamTls,
     pub ca_file: Option<PathBuf>,
+    /// Upstream sessions of this account at once, at most.
+    pub max_sessions: Option<usize>,
 }
 
 fn implicit() -> UpstreamTls {

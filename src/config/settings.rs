@@ -35,6 +35,9 @@ pub struct Limits {
     /// How long a spare upstream connection, dialled after a login for the
     /// next one, is kept; zero: no spares.
     pub upstream_spare_for: Duration,
+    /// How long a login waits for one of its account's upstream sessions
+    /// (`max_sessions`) to end before it is refused.
+    pub upstream_session_wait: Duration,
 }
 
 /// 32 half-open logins from one address is more than any poller needs,
@@ -43,6 +46,10 @@ pub const DEFAULT_MAX_PRE_LOGIN_PER_IP: usize = 32;
 /// Failed logins from one address or for one username wait twice as long
 /// each time, up to 30 s.
 pub const DEFAULT_LOGIN_FAILURE_MAX_DELAY: Duration = Duration::from_secs(30);
+/// A sender whose account has all its upstream sessions busy waits this
+/// long for one: most submissions take seconds, and SMTP clients retry a
+/// `421` later anyway.
+pub const DEFAULT_UPSTREAM_SESSION_WAIT: Duration = Duration::from_secs(30);
 /// Long enough for a poller's next login in a burst; short enough that no
 /// server closes a connection that hasn't logged in (Dovecot allows 3 min).
 pub const DEFAULT_UPSTREAM_SPARE_FOR: Duration = Duration::from_secs(10);
@@ -188,6 +195,12 @@ pub(super) fn limits(l: &raw::Limits) -> Result<Limits, ConfigError> {
             "limits.upstream_spare_for",
             l.upstream_spare_for,
             DEFAULT_UPSTREAM_SPARE_FOR,
+            false,
+        )?,
+        upstream_session_wait: bounded(
+            "limits.upstream_session_wait",
+            l.upstream_session_wait,
+            DEFAULT_UPSTREAM_SESSION_WAIT,
             false,
         )?,
     })

@@ -14,10 +14,9 @@ pub use upstream::Upstream;
 use std::time::Duration;
 
 use crate::proto::{
-    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions,
-    UpstreamLogin,
+    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest,
+    SessionOptions, UpstreamLogin,
 };
-use crate::secret::Secret;
 
 /// IMAP, as the upper layers see it.
 pub static PROTOCOL: Descriptor = Descriptor {
@@ -31,6 +30,8 @@ pub static PROTOCOL: Descriptor = Descriptor {
     // RFC 9051 §5.4: an autologout timer of at least 30 minutes.
     default_idle_timeout: Duration::from_secs(30 * 60),
     default_upstream,
+    sessions_per_mailbox: |_| None,
+    advertises_upstream_capabilities: false,
     microsoft_scope: "IMAP.AccessAsUser.All",
 };
 
@@ -50,12 +51,8 @@ fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
     }))
 }
 
-fn new_login(
-    mailbox: &str,
-    token: &Secret<String>,
-    tls: UpstreamTls,
-) -> Box<dyn UpstreamLogin + Send> {
-    Box::new(Upstream::new(mailbox, token, tls))
+fn new_login(request: &LoginRequest<'_>) -> Box<dyn UpstreamLogin + Send> {
+    Box::new(Upstream::with(request))
 }
 
 /// The providers' documented IMAP hosts, over implicit TLS.

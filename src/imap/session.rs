@@ -173,6 +173,7 @@ impl Session {
                 let credentials = Credentials {
                     username: sasl::username(&username),
                     password,
+                    hello: None,
                 };
                 self.authenticate(tag.to_owned(), credentials);
             }
@@ -325,6 +326,10 @@ impl ClientSession for Session {
                 "This account must be authorized again by the mailgate administrator",
             ),
             LoginFailure::InUse => ("INUSE", "Mailbox in use"),
+            LoginFailure::SessionLimit => (
+                "UNAVAILABLE",
+                "Too many sessions for this mailbox, try again later",
+            ),
         };
         self.send(encode::tagged(&tag, "NO", Some(code), text));
     }

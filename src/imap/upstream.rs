@@ -6,9 +6,10 @@ use bytes::{Bytes, BytesMut};
 use super::capability;
 use super::parse::{self, Code, Response, Status};
 use crate::proto::machine::{self, Machine, Stepped};
-use crate::proto::sasl;
+use crate::proto::sasl::{self, OAuthMechanism};
 use crate::proto::{
-    Frame, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
+    Frame, LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+    UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -34,6 +35,7 @@ enum State {
 pub struct Upstream {
     state: State,
     tls: UpstreamTls,
+    mechanism: OAuthMechanism,
     response: Secret<String>,
     capabilities: Vec<String>,
     /// `capabilities` came after our AUTHENTICATE: it is the post-login list.
@@ -42,12 +44,32 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A login as `mailbox` with `access_token`.
+    /// An XOAUTH2 login as `mailbox` with `access_token`.
     pub fn new(mailbox: &str, access_token: &Secret<String>, tls: UpstreamTls) -> Self {
+        Self::with(&LoginRequest {
+            mailbox,
+            token: access_token,
+            mechanism: OAuthMechanism::XOAuth2,
+            tls,
+            host: "",
+            port: 0,
+            client_hello: None,
+            gateway_host: "",
+        })
+    }
+
+    /// The login `request` asks for.
+    pub fn with(request: &LoginRequest<'_>) -> Self {
         Self {
             state: State::Greeting,
-            tls,
-            response: sasl::xoauth2(mailbox, access_token),
+            tls: request.tls,
+            mechanism: request.mechanism,
+            response: request.mechanism.initial_response(
+                request.mailbox,
+                request.token,
+                request.host,
+                request.port,
+            ),
             capabilities: Vec::new(),
             fresh_capabilities: false,
             machine: Machine::new(UPSTREAM_LIMITS),
@@ -153,7 +175,7 @@ impl Upstream {
                     // The provider's error challenge. Answer with an empty
                     // line to get the tagged NO (Google's XOAUTH2 protocol).
                     let status = sasl::xoauth2_error_status(text);
-                    self.send(Bytes::from_static(b"\r\n"));
+                    self.send(Bytes::from_static(self.mechanism.error_reply()));
                     self.state = State::Authenticate {
                         responded,
                         challenge: Some(status),
@@ -212,9 +234,13 @@ impl Upstream {
     fn authenticate(&mut self) {
         let responded = capability::has(&self.capabilities, "SASL-IR");
         let command = if responded {
-            format!("m3 AUTHENTICATE XOAUTH2 {}\r\n", self.response.expose())
+            format!(
+                "m3 AUTHENTICATE {} {}\r\n",
+                self.mechanism.name(),
+                self.response.expose()
+            )
         } else {
-            "m3 AUTHENTICATE XOAUTH2\r\n".to_owned()
+            format!("m3 AUTHENTICATE {}\r\n", self.mechanism.name())
         };
         self.send(Bytes::from(command));
         self.state = State::Authenticate {

@@ -58,6 +58,14 @@ pub fn open_store(config: &Config) -> Result<Stores, StoreError> {
     })
 }
 
+/// The token status of `account` as `store` holds it.
+pub async fn status_of(store: &dyn TokenStore, account: &Account) -> TokenStatus {
+    match &store.load(&account.name).await {
+        Ok(v) => TokenStatus::of(account, Ok(v.as_ref().map(|v| &v.record))),
+        Err(e) => TokenStatus::of(account, Err(e)),
+    }
+}
+
 /// Why no token could be had. Transient failures are worth retrying;
 /// the others need the administrator.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +101,6 @@ fn lease_owner() -> String {
     format!("{}-{tag}", std::process::id())
 }
 
-/// One account's token state in this process: a mirror of its store
-/// record, plus when to use and retry.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +122,8 @@ mod tests {
     }
 }
 
+/// One account's token state in this process: a mirror of its store
+/// record, plus when to use and retry.
 #[derive(Default)]
 struct AccountState {
     /// The record's version when last read or written; the store tells
@@ -284,6 +292,30 @@ impl Tokens {
         Ok(())
     }
 
+    /// Records that the upstream refuses `account`'s logins for a reason
+    /// only an administrator can fix (`why` names the fix), so that
+    /// `status` and the page show it as the account's last error. Best
+    /// effort: a failure to record is logged.
+    pub async fn note_upstream_refusal(&self, account: &Account, why: &str) {
+        warn!(account = %account.name, reason = %why, "the upstream refuses this account's logins");
+        let Ok(entry) = self.entry(account) else {
+            return;
+        };
+        let mut state = entry.state.lock().await;
+        let noted = async {
+            self.sync(account, &mut state).await?;
+            if state.record.last_error.as_deref() == Some(why) {
+                return Ok(());
+            }
+            state.record.last_error = Some(why.to_owned());
+            self.save(&account.name, &mut state).await
+        }
+        .await;
+        if let Err(e) = noted {
+            warn!(account = %account.name, error = %e, "can't record the upstream's refusal");
+        }
+    }
+
     /// Refreshes the accounts that are due and returns how long to wait
     /// before the next one is. Accounts that are busy, need authorization,
     /// or wait out a back-off are skipped.
@@ -345,11 +377,7 @@ impl Tokens {
 
     /// The token status of `account`, from the store.
     pub async fn status(&self, account: &Account) -> TokenStatus {
-        let loaded = self.store.load(&account.name).await;
-        match &loaded {
-            Ok(v) => TokenStatus::of(account, Ok(v.as_ref().map(|v| &v.record))),
-            Err(e) => TokenStatus::of(account, Err(e)),
-        }
+        status_of(self.store.as_ref(), account).await
     }
 
     /// The token status of every account, in name order.
@@ -437,11 +465,8 @@ impl Tokens {
 
     /// Saves the state's record against the version it was loaded at.
     async fn save(&self, name: &str, state: &mut AccountState) -> Result<(), TokenError> {
-        match self.store.save(name, &state.record, state.version).await {
-            Ok(version) => {
-                state.version = version;
-                Ok(())
-            }
+        match self.compare_and_save(name, state).await {
+            Ok(()) => Ok(()),
             Err(SaveError::Conflict) => {
                 // Another writer got there first: its record stands, and
                 // ours is read again at the next use. Under the refresh
@@ -454,6 +479,15 @@ impl Tokens {
             }
             Err(SaveError::Store(e)) => Err(e.into()),
         }
+    }
+
+    async fn compare_and_save(
+        &self,
+        name: &str,
+        state: &mut AccountState,
+    ) -> Result<(), SaveError> {
+        state.version = self.store.save(name, &state.record, state.version).await?;
+        Ok(())
     }
 
     /// One token request under the account's refresh lease, so that no
@@ -479,6 +513,9 @@ impl Tokens {
         state: &mut AccountState,
         stale: Option<&Secret<String>>,
     ) -> Result<Secret<String>, TokenError> {
+        // Under the lease the record is read afresh, whatever the change
+        // check says: the refresh token must be the newest one.
+        state.loaded = false;
         self.sync(account, state).await?;
         if let Some(token) = usable(state).filter(|t| Some(t) != stale) {
             return Ok(token);
@@ -486,13 +523,11 @@ impl Tokens {
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
         let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
-        if let Err(e @ TokenError::NotAuthorizedYet(_)) = result {
-            // No request was made: there is nothing to refresh with.
-            return Err(e);
-        }
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(TokenError::NeedsAuthorization(_)) => "needs_authorization",
+            Err(TokenError::NeedsAuthorization(_) | TokenError::NotAuthorizedYet(_)) => {
+                "needs_authorization"
+            }
             Err(_) => "transient",
         };
         self.metrics
@@ -505,7 +540,13 @@ impl Tokens {
             .inc();
         match result {
             Ok(granted) => self.store_granted(account, state, granted, started).await,
-            Err(TokenError::NeedsAuthorization(why)) => {
+            Err(e @ (TokenError::NeedsAuthorization(_) | TokenError::NotAuthorizedYet(_))) => {
+                let why = match &e {
+                    TokenError::NeedsAuthorization(why) => why.clone(),
+                    _ => "not authorized yet: no refresh token stored".to_owned(),
+                };
+                // The mark stops further requests (and the refresher)
+                // until the account is authorized; the hooks fire once.
                 let first = state.record.needs_authorization.is_none();
                 state.record.needs_authorization = Some(why.clone());
                 state.record.last_error = Some(why.clone());
@@ -519,7 +560,7 @@ impl Tokens {
                 if first {
                     self.notifier.needs_authorization(account, &why);
                 }
-                Err(TokenError::NeedsAuthorization(why))
+                Err(e)
             }
             Err(e) => {
                 state.record.last_error = Some(e.to_string());
@@ -542,20 +583,35 @@ impl Tokens {
         started: Instant,
     ) -> Result<Secret<String>, TokenError> {
         let now = unix_now();
-        let record = &mut state.record;
-        if let Some(rotated) = granted.refresh_token {
-            record.refresh_token = Some(rotated.expose().clone());
+        let apply = |record: &mut Record| {
+            if let Some(rotated) = &granted.refresh_token {
+                record.refresh_token = Some(rotated.expose().clone());
+            }
+            if account.grant != Grant::AuthorizationCode {
+                record.refresh_token = None;
+            }
+            record.access_token = Some(granted.access_token.expose().clone());
+            record.obtained_at = now;
+            record.expires_at = now + granted.lifetime.as_secs();
+            record.last_refresh = now;
+            record.last_error = None;
+            record.needs_authorization = None;
+        };
+        apply(&mut state.record);
+        match self.compare_and_save(&account.name, state).await {
+            Ok(()) => {}
+            // We hold the lease, so these tokens are the newest: a writer
+            // without it (a tool) got in between. Lay ours over what it
+            // wrote rather than lose a rotated refresh token.
+            Err(SaveError::Conflict) => {
+                warn!(account = %account.name, "token record saved elsewhere during the refresh; saving the new tokens over it");
+                state.loaded = false;
+                self.sync(account, state).await?;
+                apply(&mut state.record);
+                self.save(&account.name, state).await?;
+            }
+            Err(SaveError::Store(e)) => return Err(e.into()),
         }
-        if account.grant != Grant::AuthorizationCode {
-            record.refresh_token = None;
-        }
-        record.access_token = Some(granted.access_token.expose().clone());
-        record.obtained_at = now;
-        record.expires_at = now + granted.lifetime.as_secs();
-        record.last_refresh = now;
-        record.last_error = None;
-        record.needs_authorization = None;
-        self.save(&account.name, state).await?;
         state.use_until = Some(started + self.usable(granted.lifetime));
         info!(account = %account.name, lifetime_s = granted.lifetime.as_secs(), "access token obtained");
         Ok(granted.access_token)

@@ -87,17 +87,14 @@ impl TokenStatus {
                 }
             }
         };
+        let refresh_token =
+            record.is_some_and(|r| r.refresh_token.is_some()) || account.refresh_token.is_some();
         let authorization = match record.and_then(|r| r.needs_authorization.as_ref()) {
-            Some(why) => Authorization::Revoked(why.clone()),
-            None => {
-                let refresh_token = record.is_some_and(|r| r.refresh_token.is_some())
-                    || account.refresh_token.is_some();
-                if account.grant == Grant::AuthorizationCode && !refresh_token {
-                    Authorization::NotAuthorizedYet
-                } else {
-                    Authorization::Authorized
-                }
+            _ if account.grant == Grant::AuthorizationCode && !refresh_token => {
+                Authorization::NotAuthorizedYet
             }
+            Some(why) => Authorization::Revoked(why.clone()),
+            None => Authorization::Authorized,
         };
         let authorized = authorization == Authorization::Authorized;
         Self {

@@ -15,10 +15,9 @@ pub use upstream::Upstream;
 use std::time::Duration;
 
 use crate::proto::{
-    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions,
-    UpstreamLogin, UpstreamTls,
+    ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest,
+    SessionOptions, UpstreamLogin, UpstreamTls,
 };
-use crate::secret::Secret;
 
 /// POP3, as the upper layers see it.
 pub static PROTOCOL: Descriptor = Descriptor {
@@ -32,6 +31,8 @@ pub static PROTOCOL: Descriptor = Descriptor {
     // RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
     default_idle_timeout: Duration::from_secs(10 * 60),
     default_upstream,
+    sessions_per_mailbox: |_| None,
+    advertises_upstream_capabilities: false,
     microsoft_scope: "POP.AccessAsUser.All",
 };
 
@@ -51,12 +52,8 @@ fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
     }))
 }
 
-fn new_login(
-    mailbox: &str,
-    token: &Secret<String>,
-    tls: UpstreamTls,
-) -> Box<dyn UpstreamLogin + Send> {
-    Box::new(Upstream::new(mailbox, token, tls))
+fn new_login(request: &LoginRequest<'_>) -> Box<dyn UpstreamLogin + Send> {
+    Box::new(Upstream::with(request))
 }
 
 /// The providers' documented POP3 hosts, over implicit TLS.

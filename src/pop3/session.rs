@@ -134,6 +134,7 @@ impl Session {
                     self.authenticate(Credentials {
                         username,
                         password: Secret::new(password.to_vec()),
+                        hello: None,
                     });
                 }
                 None => self.send(encode::err(None, "USER first")),
@@ -248,6 +249,10 @@ impl ClientSession for Session {
                 "This account must be authorized again by the mailgate administrator",
             ),
             LoginFailure::InUse => ("IN-USE", "Mailbox in use"),
+            LoginFailure::SessionLimit => (
+                "SYS/TEMP",
+                "Too many sessions for this mailbox, try again later",
+            ),
         };
         self.send(encode::err(Some(code), text));
     }

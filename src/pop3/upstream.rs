@@ -5,17 +5,16 @@ use bytes::{Bytes, BytesMut};
 
 use super::parse::{self, Response};
 use crate::proto::machine::{self, Machine, Stepped};
-use crate::proto::sasl;
+use crate::proto::sasl::{self, OAuthMechanism};
 use crate::proto::{
-    Frame, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
+    Frame, LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
+    UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
 /// RFC 2449 §4 caps a command line at 255 octets, CRLF included. RFC 5034
 /// §4: an initial response that would exceed it goes in a continuation.
 const MAX_COMMAND_LINE: usize = 255;
-
-const AUTH_TWO_STEP: &[u8] = b"AUTH XOAUTH2\r\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -45,18 +44,39 @@ enum State {
 pub struct Upstream {
     state: State,
     tls: UpstreamTls,
+    mechanism: OAuthMechanism,
     response: Secret<String>,
     capabilities: Vec<String>,
     machine: Machine<UpstreamAction>,
 }
 
 impl Upstream {
-    /// A login as `mailbox` with `access_token`.
+    /// An XOAUTH2 login as `mailbox` with `access_token`.
     pub fn new(mailbox: &str, access_token: &Secret<String>, tls: UpstreamTls) -> Self {
+        Self::with(&LoginRequest {
+            mailbox,
+            token: access_token,
+            mechanism: OAuthMechanism::XOAuth2,
+            tls,
+            host: "",
+            port: 0,
+            client_hello: None,
+            gateway_host: "",
+        })
+    }
+
+    /// The login `request` asks for.
+    pub fn with(request: &LoginRequest<'_>) -> Self {
         Self {
             state: State::Greeting,
-            tls,
-            response: sasl::xoauth2(mailbox, access_token),
+            tls: request.tls,
+            mechanism: request.mechanism,
+            response: request.mechanism.initial_response(
+                request.mailbox,
+                request.token,
+                request.host,
+                request.port,
+            ),
             capabilities: Vec::new(),
             machine: Machine::new(UPSTREAM_LIMITS),
         }
@@ -86,14 +106,23 @@ impl Upstream {
     /// `AUTH XOAUTH2 <response>` when it fits in a command line, else the
     /// two-step form, which Microsoft requires anyway for its long tokens.
     fn authenticate(&mut self) {
-        let inline = format!("AUTH XOAUTH2 {}\r\n", self.response.expose());
+        let inline = format!(
+            "AUTH {} {}\r\n",
+            self.mechanism.name(),
+            self.response.expose()
+        );
         if inline.len() <= MAX_COMMAND_LINE {
             self.send(Bytes::from(inline));
             self.state = State::Responded { initial: true };
         } else {
-            self.send(Bytes::from_static(AUTH_TWO_STEP));
-            self.state = State::AwaitContinue;
+            self.two_step();
         }
+    }
+
+    /// `AUTH <mechanism>` alone; the response follows the `+`.
+    fn two_step(&mut self) {
+        self.send(Bytes::from(format!("AUTH {}\r\n", self.mechanism.name())));
+        self.state = State::AwaitContinue;
     }
 
     fn line(&mut self, line: &[u8]) {
@@ -146,7 +175,7 @@ impl Upstream {
                 // The provider's error challenge: answer with an empty line
                 // to get the final -ERR.
                 let status = sasl::xoauth2_error_status(challenge);
-                self.send(Bytes::from_static(b"\r\n"));
+                self.send(Bytes::from_static(self.mechanism.error_reply()));
                 self.state = State::Challenged { status };
             }
             // A plain -ERR to an initial response: the upstream may not take
@@ -154,8 +183,7 @@ impl Upstream {
             (State::Responded { initial: true }, Response::Err { code, .. })
                 if !is_auth_failure(code) =>
             {
-                self.send(Bytes::from_static(AUTH_TWO_STEP));
-                self.state = State::AwaitContinue;
+                self.two_step();
             }
             (State::Responded { .. } | State::AwaitContinue, Response::Err { code, .. }) => {
                 self.rejected(None, code);

@@ -3,17 +3,40 @@
 //! [`crate::protocol`]. `server/`, the probe, metrics and the provider
 //! catalogue read these fields and never name a protocol themselves.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::sasl::OAuthMechanism;
 use super::{ClientSession, FrameLimits, UpstreamLogin, UpstreamTls};
 use crate::secret::Secret;
 
-/// The last complete line of `tail`, without its line ending: the bytes
+/// The last complete line of `tail`, with its line ending: the bytes
 /// after the previous LF (or all of `tail`), when `tail` ends with LF.
 pub fn last_line(tail: &[u8]) -> Option<&[u8]> {
     let body = tail.strip_suffix(b"\n")?;
     let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     Some(&tail[start..])
+}
+
+/// Whether `name` can name a host in a greeting: a domain (letters, digits, `-`,
+/// `.`) or an address literal in brackets (RFC 5321 §4.1.3), at most 255
+/// octets.
+pub fn is_host_name(name: &str) -> bool {
+    let ok_domain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    name.len() <= 255
+        && match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+            Some(literal) => {
+                !literal.is_empty()
+                    && literal
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b":.-".contains(&b))
+            }
+            None => ok_domain(name),
+        }
 }
 
 /// How a listener's clients get TLS. Plaintext exists only on loopback.
@@ -29,10 +52,34 @@ pub enum ListenerTls {
 }
 
 /// How a client session starts, fixed by its listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionOptions {
     pub tls: ListenerTls,
     pub limits: FrameLimits,
+    /// The gateway's host name, for greetings that name the server.
+    pub host: Arc<str>,
+    /// What the upstreams said they support after their own greeting,
+    /// one list per upstream server a login may go to; `None` until every
+    /// one of them is known. Only protocols whose descriptor sets
+    /// `advertises_upstream_capabilities` get it.
+    pub upstream_capabilities: Option<Arc<[Arc<[String]>]>>,
+}
+
+/// Everything our own login at an upstream needs.
+#[derive(Debug)]
+pub struct LoginRequest<'a> {
+    /// The mailbox to log in as (XOAUTH2's `user=`).
+    pub mailbox: &'a str,
+    pub token: &'a Secret<String>,
+    pub mechanism: OAuthMechanism,
+    pub tls: UpstreamTls,
+    /// The upstream's host and port (OAUTHBEARER names them).
+    pub host: &'a str,
+    pub port: u16,
+    /// The name the client greeted the gateway with, if it gave one.
+    pub client_hello: Option<&'a str>,
+    /// The gateway's own host name, when the client's is unusable.
+    pub gateway_host: &'a str,
 }
 
 /// The mail services whose hosts the catalogue knows.
@@ -64,12 +111,8 @@ pub struct Descriptor {
     pub title: &'static str,
     /// A client session for a connection on a listener.
     pub new_session: fn(SessionOptions) -> Box<dyn ClientSession + Send>,
-    /// Our own login at an upstream as `mailbox` with `token`.
-    pub new_login: fn(
-        mailbox: &str,
-        token: &Secret<String>,
-        tls: UpstreamTls,
-    ) -> Box<dyn UpstreamLogin + Send>,
+    /// Our own login at an upstream.
+    pub new_login: fn(&LoginRequest<'_>) -> Box<dyn UpstreamLogin + Send>,
     /// The command that ends a logged-in upstream session politely.
     pub logout: &'static [u8],
     /// How the answer to `logout` starts, on a line of its own.
@@ -86,6 +129,12 @@ pub struct Descriptor {
     /// The delegated permission Microsoft's mail service wants for this
     /// protocol, under its scope host (`IMAP.AccessAsUser.All`).
     pub microsoft_scope: &'static str,
+    /// How many upstream sessions of this protocol the provider allows per
+    /// mailbox, where it documents a limit.
+    pub sessions_per_mailbox: fn(KnownProvider) -> Option<usize>,
+    /// Whether a session needs `SessionOptions::upstream_capabilities`
+    /// before login (SMTP's EHLO promises what the upstream does).
+    pub advertises_upstream_capabilities: bool,
 }
 
 impl std::fmt::Debug for Descriptor {

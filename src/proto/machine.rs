@@ -84,6 +84,15 @@ impl<A> Machine<A> {
         self.framer.reset();
     }
 
+    /// Drops up to `n` raw bytes of input (a chunk that follows a refused
+    /// command); returns how many are still to come. Call it between
+    /// frames.
+    pub fn discard(&mut self, n: usize) -> usize {
+        let k = n.min(self.input.len());
+        bytes::Buf::advance(&mut self.input, k);
+        n - k
+    }
+
     /// Takes everything buffered, for the other side (leftovers handed
     /// over before the relay starts).
     pub fn take_input(&mut self) -> Bytes {

@@ -14,7 +14,9 @@ use bytes::Bytes;
 
 use crate::secret::Secret;
 
-pub use descriptor::{DefaultUpstream, Descriptor, KnownProvider, ListenerTls, SessionOptions};
+pub use descriptor::{
+    DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest, SessionOptions,
+};
 pub use frame::{Frame, FrameLimits, Framer, UPSTREAM_LIMITS};
 pub use machine::Machine;
 
@@ -25,6 +27,9 @@ pub struct Credentials {
     pub username: String,
     /// The local password, as sent.
     pub password: Secret<Vec<u8>>,
+    /// The name the client greeted with (SMTP's `EHLO`), for the
+    /// upstream's greeting; `None` where the protocol has none.
+    pub hello: Option<String>,
 }
 
 /// What a client session asks its driver to do next.
@@ -88,6 +93,9 @@ pub enum LoginFailure {
     NeedsAuthorization,
     /// The upstream reports the mailbox as locked by another session.
     InUse,
+    /// The account already has as many upstream sessions as its provider
+    /// allows, and none ended in time.
+    SessionLimit,
 }
 
 /// How an upstream connection gets private.
@@ -130,6 +138,10 @@ pub enum UpstreamFailure {
     Unavailable(String),
     /// The upstream said something we can't follow, or said goodbye.
     Protocol(String),
+    /// The upstream refuses this way of logging in for the mailbox, for
+    /// reasons only its administrator can change (Microsoft's `535 5.7.139`:
+    /// SMTP AUTH disabled for the mailbox or tenant); the text says which.
+    Disabled(String),
 }
 
 impl std::fmt::Debug for UpstreamAction {

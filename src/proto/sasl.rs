@@ -52,6 +52,7 @@ pub fn decode_plain(line: &[u8]) -> Result<Credentials, SaslError> {
     Ok(Credentials {
         username: username(authcid),
         password: Secret::new(password.to_vec()),
+        hello: None,
     })
 }
 
@@ -67,6 +68,69 @@ pub fn username(bytes: &[u8]) -> String {
 pub fn xoauth2(mailbox: &str, access_token: &Secret<String>) -> Secret<String> {
     let raw = format!(
         "user={mailbox}\x01auth=Bearer {}\x01\x01",
+        access_token.expose()
+    );
+    Secret::new(STANDARD.encode(raw))
+}
+
+/// The SASL mechanism of our own login upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OAuthMechanism {
+    /// Google's and Microsoft's XOAUTH2 (their only one).
+    #[default]
+    XOAuth2,
+    /// RFC 7628, which some other servers take instead.
+    OAuthBearer,
+}
+
+impl OAuthMechanism {
+    /// The name on the wire: `XOAUTH2`, `OAUTHBEARER`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XOAuth2 => "XOAUTH2",
+            Self::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+
+    /// The base64 initial response for `mailbox` with `token`; `host` and
+    /// `port` are the upstream's, which OAUTHBEARER carries.
+    pub fn initial_response(
+        self,
+        mailbox: &str,
+        token: &Secret<String>,
+        host: &str,
+        port: u16,
+    ) -> Secret<String> {
+        match self {
+            Self::XOAuth2 => xoauth2(mailbox, token),
+            Self::OAuthBearer => oauthbearer(mailbox, token, host, port),
+        }
+    }
+
+    /// What a client sends after the server's error challenge, to get
+    /// the final failure: an empty response for XOAUTH2, `%x01` for
+    /// OAUTHBEARER (RFC 7628 §3.2.3), base64 encoded.
+    pub fn error_reply(self) -> &'static [u8] {
+        match self {
+            Self::XOAuth2 => b"\r\n",
+            Self::OAuthBearer => b"AQ==\r\n",
+        }
+    }
+}
+
+/// The base64 OAUTHBEARER initial response (RFC 7628 §3.1):
+/// `n,a=<mailbox>,^Ahost=<host>^Aport=<port>^Aauth=Bearer <token>^A^A`.
+/// A `,` or `=` in the mailbox is escaped as `=2C` / `=3D` (RFC 5801's
+/// saslname).
+pub fn oauthbearer(
+    mailbox: &str,
+    access_token: &Secret<String>,
+    host: &str,
+    port: u16,
+) -> Secret<String> {
+    let user = mailbox.replace('=', "=3D").replace(',', "=2C");
+    let raw = format!(
+        "n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {}\x01\x01",
         access_token.expose()
     );
     Secret::new(STANDARD.encode(raw))
@@ -182,6 +246,7 @@ impl Exchange {
             ExchangeStep::LoginPassword { username } => Ok(Step::Done(Credentials {
                 username,
                 password: Secret::new(decode_base64(line)?),
+                hello: None,
             })),
         }
     }
@@ -238,6 +303,19 @@ mod tests {
         assert_eq!(ex.respond(b"*"), Err(ExchangeError::Cancelled));
         assert_eq!(Mechanism::from_name(b"plain"), Some(Mechanism::Plain));
         assert_eq!(Mechanism::from_name(b"CRAM-MD5"), None);
+    }
+
+    #[test]
+    fn oauthbearer_encodes_rfc_7628_with_an_escaped_authzid() {
+        let token = Secret::new("tok".to_owned());
+        let encoded = oauthbearer("a,b=c@example.com", &token, "imap.example.com", 993);
+        let raw = STANDARD.decode(encoded.expose()).unwrap();
+        assert_eq!(
+            raw,
+            b"n,a=a=2Cb=3Dc@example.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer tok\x01\x01"
+        );
+        assert_eq!(OAuthMechanism::OAuthBearer.error_reply(), b"AQ==\r\n");
+        assert_eq!(STANDARD.decode("AQ==").unwrap(), b"\x01");
     }
 
     #[test]

@@ -15,12 +15,12 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, Instrument as _};
 
-use super::outcome::ErrorKind;
-use super::relay::{self, Activity, Counts, RelayError, Side};
+use super::outcome::{ErrorKind, LoginError};
+use super::relay::{self, Activity, Counts, RelayError, SessionEnd, Side};
 use super::stream::{ClientStream, ReadAhead, Stream, TlsTcp};
 use super::upstream::LoggedIn;
 use super::Gateway;
-use crate::proto::{Action, ClientSession, ListenerTls, LoginFailure, SessionOptions};
+use crate::proto::{Action, ClientSession, ListenerTls, LoginFailure};
 use crate::protocol::Protocol;
 
 /// How a connection ended before login, for the log line.
@@ -134,10 +134,7 @@ pub async fn serve(
             protocol,
             shutdown,
         };
-        let session = (protocol.new_session)(SessionOptions {
-            tls,
-            limits: gateway.frame_limits(),
-        });
+        let session = (protocol.new_session)(gateway.session_options(protocol, tls));
         let result = connection.run(tcp, tls, session).await;
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // One summary event per connection.
@@ -210,7 +207,7 @@ struct Relayed {
 }
 
 struct Connection<'a> {
-    gateway: &'a Gateway,
+    gateway: &'a Arc<Gateway>,
     protocol: Protocol,
     shutdown: watch::Receiver<bool>,
 }
@@ -260,9 +257,7 @@ impl Connection<'_> {
                 info!(%account, "logged in");
                 let idle = limits.idle_timeout(self.protocol);
                 let logged_out = self.protocol.logged_out;
-                relay(account, client, logged_in, to_upstream, idle, logged_out)
-                    .await
-                    .map_err(refused)
+                Ok(relay(account, client, logged_in, to_upstream, idle, logged_out).await)
             }
             Err(closed @ (Closed::PreAuthTimeout | Closed::Shutdown)) => {
                 session.shutdown();
@@ -305,10 +300,22 @@ impl Connection<'_> {
                         session.tls_established();
                     }
                     Action::Authenticate(credentials) => {
-                        // The login ends with the gateway: a shutdown
-                        // doesn't wait for a slow upstream or token endpoint.
+                        // The login runs as a task of its own, and the
+                        // session stops waiting for it at shutdown: a slow
+                        // upstream or token endpoint doesn't hold the
+                        // shutdown up. The task itself runs on, so that a
+                        // token refresh in flight still saves a rotated
+                        // refresh token.
+                        let login = tokio::spawn({
+                            let (gateway, protocol) = (self.gateway.clone(), self.protocol);
+                            let credentials = credentials.clone();
+                            async move { gateway.login(protocol, &credentials).await }
+                        });
                         let login = tokio::select! {
-                            login = self.gateway.login(self.protocol, &credentials) => login,
+                            joined = login => joined.unwrap_or(Err(LoginError::new(
+                                LoginFailure::Unavailable,
+                                ErrorKind::Internal,
+                            ))),
                             _ = self.shutdown.changed() => return Err(Closed::Shutdown),
                         };
                         match login {
@@ -362,7 +369,9 @@ impl Connection<'_> {
     /// client hangs up, which frees its pre-login slot at once, or when the
     /// gateway shuts down. Bytes the client pipelines meanwhile are kept
     /// for the session (up to one command's worth) and read after the
-    /// failure is told.
+    /// failure is told. A client that half-closes (ends its sending side)
+    /// counts as gone too and hears nothing of this login: answering at
+    /// once would let a client skip the delay.
     async fn back_off(
         &mut self,
         client: &mut ClientStream,
@@ -442,45 +451,76 @@ async fn relay(
     to_upstream: bytes::Bytes,
     idle: Duration,
     logged_out: fn(&[u8]) -> bool,
-) -> Result<Relayed, Closed> {
+) -> Relayed {
     let LoggedIn {
         stream: mut upstream,
         to_client,
         capabilities,
+        slot,
     } = logged_in;
     // Nothing from the login phase stays with an idle session: the
     // leftovers may share a read buffer of several KiB.
     drop(capabilities);
     let (sent_to_client, sent_to_upstream) = (to_client.len() as u64, to_upstream.len() as u64);
-    if !to_client.is_empty() {
-        client.write_all(&to_client).await?;
-        client.flush().await?;
-    }
+    let leftovers = async {
+        if !to_client.is_empty() {
+            let written = async {
+                client.write_all(&to_client).await?;
+                client.flush().await
+            };
+            written.await.map_err(|error| RelayError {
+                side: Side::Client,
+                error,
+            })?;
+        }
+        if !to_upstream.is_empty() {
+            let written = async {
+                upstream.write_all(&to_upstream).await?;
+                upstream.flush().await
+            };
+            written.await.map_err(|error| RelayError {
+                side: Side::Upstream,
+                error,
+            })?;
+        }
+        Ok::<(), RelayError>(())
+    };
+    let leftovers = leftovers.await;
+    // The relay sees the end of what the client pipelined (a logout, say).
+    let client_sent = to_upstream[to_upstream.len().saturating_sub(32)..].to_vec();
     drop(to_client);
-    if !to_upstream.is_empty() {
-        upstream.write_all(&to_upstream).await?;
-        upstream.flush().await?;
-    }
     drop(to_upstream);
     // The counts are kept as bytes are read, so that a session that ends
     // in an error (a client dropping without close_notify) is counted.
     let activity = Activity::new();
     let mut counts = Counts::default();
+    let ended_by = SessionEnd {
+        logged_out,
+        client_sent: &client_sent,
+    };
+    let relayed = async {
+        leftovers?;
+        relay::relay(&mut client, &mut upstream, &activity, &mut counts, ended_by).await
+    };
     let (ended, error) = tokio::select! {
-        result = relay::relay(&mut client, &mut upstream, &activity, &mut counts, logged_out) => match result {
+        result = relayed => match result {
             Ok(()) => (ErrorKind::None, None),
             Err(RelayError { side: Side::Client, error }) => (ErrorKind::ClientIo, Some(error.to_string())),
             Err(RelayError { side: Side::Upstream, error }) => (ErrorKind::UpstreamIo, Some(error.to_string())),
         },
         () = idle_timeout(&activity, idle) => (ErrorKind::IdleTimeout, None),
     };
-    Ok(Relayed {
+    // The account's upstream session slot is free again once the upstream
+    // connection is gone.
+    drop(upstream);
+    drop(slot);
+    Relayed {
         account,
         from_client: counts.from_client + sent_to_upstream,
         from_upstream: counts.from_upstream + sent_to_client,
         ended,
         error,
-    })
+    }
 }
 
 /// Returns once nothing has been read either way for `idle`. Traffic

@@ -10,17 +10,18 @@ pub mod spare;
 mod stream;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::config::{Account, Config, Limits, Listener};
+use crate::config::{Account, Config, Limits, Listener, UpstreamServer};
 use crate::metrics::{LoginOutcome, Metrics};
 use crate::oauth::TokenError;
-use crate::proto::{Credentials, FrameLimits, LoginFailure};
+use crate::proto::{Credentials, FrameLimits, LoginFailure, LoginRequest, SessionOptions};
 use crate::protocol::Protocol;
 use crate::secret::Secret;
 use crate::services::{Current, Services};
@@ -45,12 +46,25 @@ pub struct Gateway {
     /// must not take the memory with it.
     verifications: tokio::sync::Semaphore,
     admission: Arc<admission::Admission>,
+    /// The gateway's host name in greetings (fixed at start, as limits).
+    hostname: Arc<str>,
+    /// What each upstream server offered after its greeting, by
+    /// `UpstreamServer::id`.
+    learned: Mutex<HashMap<String, Arc<[String]>>>,
+    /// Each account's upstream session slots per protocol, where its
+    /// upstream has `max_sessions`: the cap and its semaphore.
+    slots: Mutex<SessionSlots>,
 }
+
+type SessionSlots = HashMap<(String, Protocol), (usize, Arc<tokio::sync::Semaphore>)>;
 
 impl Gateway {
     /// Wires the shared services.
     pub fn new(services: Current, acceptor: TlsAcceptor, metrics: Arc<Metrics>) -> Self {
-        let limits = services.get().config.limits;
+        let (limits, hostname) = {
+            let config = &services.get().config;
+            (config.limits, Arc::from(config.hostname.as_str()))
+        };
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         Self {
             connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
@@ -61,6 +75,9 @@ impl Gateway {
                 limits.login_failure_max_delay,
             )),
             spares: Spares::new(limits.upstream_spare_for),
+            hostname,
+            learned: Mutex::default(),
+            slots: Mutex::default(),
             services,
             limits,
             acceptor,
@@ -81,6 +98,11 @@ impl Gateway {
 
     fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
+    }
+
+    /// Drops every spare upstream connection (after a reload).
+    pub fn forget_spares(&self) {
+        self.spares.clear();
     }
 
     /// Waits until every connection has closed, or `grace` has passed.
@@ -124,8 +146,9 @@ impl Gateway {
             .access_token(&account)
             .await
             .map_err(|e| token_failure(&account, e))?;
+        let hello = credentials.hello.as_deref();
         let logged_in = match self
-            .upstream_login(services, protocol, &account, &token)
+            .upstream_login(services, protocol, &account, &token, hello)
             .await
         {
             Err(UpstreamError::Rejected {
@@ -137,12 +160,21 @@ impl Gateway {
                     .replace_rejected(&account, &token)
                     .await
                     .map_err(|e| token_failure(&account, e))?;
-                self.upstream_login(services, protocol, &account, &token)
+                self.upstream_login(services, protocol, &account, &token, hello)
                     .await
                     .map_err(|e| upstream_failure(&account, e))?
             }
+            Err(UpstreamError::Disabled(why)) => {
+                // Only the mailbox's administrator can fix this: say so
+                // where they look (status, the page), not only in the log.
+                tokens.note_upstream_refusal(&account, &why).await;
+                return Err(upstream_failure(&account, UpstreamError::Disabled(why)));
+            }
             other => other.map_err(|e| upstream_failure(&account, e))?,
         };
+        if let Some(server) = account.upstream(protocol) {
+            self.learn(server, &logged_in.capabilities);
+        }
         Ok((account.name.clone(), logged_in))
     }
 
@@ -205,10 +237,17 @@ impl Gateway {
         protocol: Protocol,
         account: &Account,
         token: &Secret<String>,
+        client_hello: Option<&str>,
     ) -> Result<LoggedIn, UpstreamError> {
         let server = account.upstream(protocol).ok_or_else(|| {
             UpstreamError::Protocol(format!("account has no {} upstream", protocol.title))
         })?;
+        // The provider's cap on sessions per mailbox: wait for a slot
+        // before dialling, outside the login's own timeout.
+        let slot = match server.max_sessions {
+            Some(most) => Some(self.session_slot(&account.name, protocol, most).await?),
+            None => None,
+        };
         let connector = services
             .connectors
             .get(&server.ca_file)
@@ -225,7 +264,16 @@ impl Gateway {
         };
         let log_in = |connected| async {
             let started = tokio::time::Instant::now();
-            let login = (protocol.new_login)(&account.mailbox, token, server.tls);
+            let login = (protocol.new_login)(&LoginRequest {
+                mailbox: &account.mailbox,
+                token,
+                mechanism: account.integration.mechanism,
+                tls: server.tls,
+                host: &server.host,
+                port: server.port,
+                client_hello,
+                gateway_host: &self.hostname,
+            });
             let result = upstream::login(connected, connector, login).await;
             self.metrics
                 .upstream_login_seconds
@@ -266,9 +314,90 @@ impl Gateway {
             self.spares.refill(server, connector);
             result
         };
-        tokio::time::timeout(self.limits.upstream_timeout, login)
+        let mut logged_in = tokio::time::timeout(self.limits.upstream_timeout, login)
             .await
-            .unwrap_or(Err(UpstreamError::Timeout))
+            .unwrap_or(Err(UpstreamError::Timeout))?;
+        logged_in.slot = slot;
+        Ok(logged_in)
+    }
+
+    /// One of `most` upstream session slots of `account` for `protocol`,
+    /// waiting up to `limits.upstream_session_wait` for one to free.
+    async fn session_slot(
+        &self,
+        account: &str,
+        protocol: Protocol,
+        most: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, UpstreamError> {
+        let semaphore = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let (size, semaphore) = slots
+                .entry((account.to_owned(), protocol))
+                .or_insert_with(|| (most, Arc::new(tokio::sync::Semaphore::new(most))));
+            if *size != most {
+                // A reload changed the cap: sessions from now on count
+                // against the new one.
+                *size = most;
+                *semaphore = Arc::new(tokio::sync::Semaphore::new(most));
+            }
+            semaphore.clone()
+        };
+        match tokio::time::timeout(self.limits.upstream_session_wait, semaphore.acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(UpstreamError::SessionLimit),
+        }
+    }
+
+    /// Remembers what `server` offered after its greeting, for the next
+    /// client greetings (SMTP's EHLO).
+    fn learn(&self, server: &UpstreamServer, capabilities: &[String]) {
+        let mut learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = server.id();
+        if learned
+            .get(&id)
+            .is_none_or(|known| **known != *capabilities)
+        {
+            learned.insert(id, capabilities.into());
+        }
+    }
+
+    /// The options of a new client session on a `protocol` listener.
+    fn session_options(
+        &self,
+        protocol: Protocol,
+        tls: crate::proto::ListenerTls,
+    ) -> SessionOptions {
+        let upstream_capabilities = protocol
+            .advertises_upstream_capabilities
+            .then(|| self.upstream_capabilities(protocol))
+            .flatten();
+        SessionOptions {
+            tls,
+            limits: self.frame_limits(),
+            host: self.hostname.clone(),
+            upstream_capabilities,
+        }
+    }
+
+    /// What every `protocol` upstream a login may go to offered, once all
+    /// of them are known.
+    fn upstream_capabilities(&self, protocol: Protocol) -> Option<Arc<[Arc<[String]>]>> {
+        let services = self.services.get();
+        let learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ids: Vec<String> = services
+            .config
+            .accounts
+            .values()
+            .filter_map(|a| a.upstream(protocol).map(UpstreamServer::id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.iter()
+            .map(|id| learned.get(id).cloned())
+            .collect::<Option<Vec<_>>>()
+            .map(Into::into)
     }
 }
 
@@ -299,9 +428,10 @@ fn upstream_failure(account: &Account, e: UpstreamError) -> LoginError {
         UpstreamError::Rejected { in_use: true, .. } => {
             (LoginFailure::InUse, ErrorKind::MailboxInUse)
         }
-        UpstreamError::Rejected { .. } => {
+        UpstreamError::Rejected { .. } | UpstreamError::Disabled(_) => {
             (LoginFailure::BadCredentials, ErrorKind::UpstreamRejected)
         }
+        UpstreamError::SessionLimit => (LoginFailure::SessionLimit, ErrorKind::SessionLimit),
         _ => (LoginFailure::Unavailable, ErrorKind::UpstreamUnavailable),
     };
     LoginError::new(failure, kind)

@@ -66,6 +66,8 @@ pub enum ErrorKind {
     UpstreamRejected,
     /// The upstream reports the mailbox in use by another session.
     MailboxInUse,
+    /// The account's upstream sessions were all busy for the whole wait.
+    SessionLimit,
     /// A read or write on the upstream connection failed while relaying.
     UpstreamIo,
     /// A bug: the session asked for something out of order.
@@ -100,6 +102,7 @@ impl ErrorKind {
             Self::UpstreamUnavailable => ("upstream_unavailable", Blame::Upstream),
             Self::UpstreamRejected => ("upstream_rejected", Blame::Upstream),
             Self::MailboxInUse => ("mailbox_in_use", Blame::Upstream),
+            Self::SessionLimit => ("session_limit", Blame::Upstream),
             Self::UpstreamIo => ("upstream_io", Blame::Upstream),
             Self::Internal => ("internal", Blame::Local),
         }
@@ -141,6 +144,7 @@ mod tests {
             ErrorKind::UpstreamUnavailable,
             ErrorKind::UpstreamRejected,
             ErrorKind::MailboxInUse,
+            ErrorKind::SessionLimit,
             ErrorKind::UpstreamIo,
             ErrorKind::Internal,
         ];

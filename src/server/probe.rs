@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::upstream::{self, Connectors, UpstreamError};
 use crate::config::Account;
 use crate::oauth::Tokens;
-use crate::proto::UpstreamTls;
+use crate::proto::{LoginRequest, UpstreamTls};
 use crate::protocol::Protocol;
 
 /// One step and how it went.
@@ -28,7 +28,9 @@ pub async fn test_account(
     connectors: &Connectors,
     account: &Account,
     timeout: Duration,
+    gateway_host: &str,
 ) -> Vec<Step> {
+    let mechanism = account.integration.mechanism.name().to_ascii_lowercase();
     let mut steps = Vec::new();
     let started = Instant::now();
     let token = tokens.force_refresh(account).await;
@@ -88,7 +90,16 @@ pub async fn test_account(
         let login = upstream::login(
             connected,
             connector,
-            (protocol.new_login)(&account.mailbox, &token, server.tls),
+            (protocol.new_login)(&LoginRequest {
+                mailbox: &account.mailbox,
+                token: &token,
+                mechanism: account.integration.mechanism,
+                tls: server.tls,
+                host: &server.host,
+                port: server.port,
+                client_hello: None,
+                gateway_host,
+            }),
         );
         let logged_in = match tokio::time::timeout(timeout, login)
             .await
@@ -96,7 +107,7 @@ pub async fn test_account(
         {
             Ok(l) => {
                 steps.push(Step {
-                    name: format!("{label} xoauth2 login"),
+                    name: format!("{label} {mechanism} login"),
                     outcome: Ok(format!("logged in as {}", account.mailbox)),
                     elapsed: started.elapsed(),
                 });
@@ -104,7 +115,7 @@ pub async fn test_account(
             }
             Err(e) => {
                 steps.push(Step {
-                    name: format!("{label} xoauth2 login"),
+                    name: format!("{label} {mechanism} login"),
                     outcome: Err(e.to_string()),
                     elapsed: started.elapsed(),
                 });

@@ -110,8 +110,9 @@ impl Direction {
                 return Poll::Ready(Err((Failure::Read, e)));
             }
             if self.eof {
-                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(write_error)?;
-                return Pin::new(&mut *w).poll_shutdown(cx).map_err(write_error);
+                let close_error = |e| (Failure::Close, e);
+                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(close_error)?;
+                return Pin::new(&mut *w).poll_shutdown(cx).map_err(close_error);
             }
             let step = SCRATCH_BUFFER.with(|scratch| {
                 // A relay never polls another relay from inside its own
@@ -220,6 +221,8 @@ enum Step {
 enum Failure {
     Read,
     Write,
+    /// Closing the writer once every byte was written.
+    Close,
 }
 
 /// When anything last moved, in milliseconds since `epoch`.
@@ -260,6 +263,25 @@ pub struct Counts {
     pub from_upstream: u64,
 }
 
+/// What tells a relay that the client's session is over.
+#[derive(Clone, Copy)]
+pub struct SessionEnd<'a> {
+    /// Whether the client's last bytes end with its logout (the
+    /// protocol's `logged_out`).
+    pub logged_out: fn(&[u8]) -> bool,
+    /// Client bytes sent on before the relay started (pipelined after the
+    /// login): they may end with the logout.
+    pub client_sent: &'a [u8],
+}
+
+impl SessionEnd<'_> {
+    /// No logout is ever recognised.
+    pub const NEVER: SessionEnd<'static> = SessionEnd {
+        logged_out: |_| false,
+        client_sent: b"",
+    };
+}
+
 /// The side of a relay whose socket failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -292,13 +314,18 @@ pub async fn relay<C, U>(
     upstream: &mut U,
     activity: &Activity,
     counts: &mut Counts,
-    logged_out: fn(&[u8]) -> bool,
+    ended_by: SessionEnd<'_>,
 ) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let SessionEnd {
+        logged_out,
+        client_sent,
+    } = ended_by;
     let mut up = Direction::default();
+    up.tail.push(client_sent);
     let mut down = Direction::default();
     let (mut up_done, mut down_done) = (false, false);
     // How much the upstream had sent when the client last sent something.
@@ -320,10 +347,9 @@ where
                         error,
                     }))
                 }
-                // A client gone after its session: nothing left to deliver.
-                Poll::Ready(Err((Failure::Write, _))) if over(&up, &down, upstream_count_then) => {
-                    down_done = true;
-                }
+                // Every byte reached the client; only closing it failed:
+                // a client gone after its session.
+                Poll::Ready(Err((Failure::Close, _))) => down_done = true,
                 Poll::Ready(Err((Failure::Write, error))) => {
                     return Poll::Ready(Err(RelayError {
                         side: Side::Client,
@@ -334,8 +360,11 @@ where
             }
         }
         if !up_done {
+            let before = up.count;
             let mut polled = up.poll(cx, client, upstream, activity);
+            // Bytes that came in this very poll can't have been answered.
             if matches!(polled, Poll::Ready(Err((Failure::Read, _))))
+                && up.count == before
                 && over(&up, &down, upstream_count_then)
             {
                 // The client closed after its session, without close_notify
@@ -352,7 +381,7 @@ where
                         error,
                     }))
                 }
-                Poll::Ready(Err((Failure::Write, error))) => {
+                Poll::Ready(Err((Failure::Write | Failure::Close, error))) => {
                     return Poll::Ready(Err(RelayError {
                         side: Side::Upstream,
                         error,
@@ -403,9 +432,13 @@ mod tests {
         let activity = Activity::new();
         let mut counts = Counts::default();
         let (relayed, (), (), got_down, got_up) = tokio::join!(
-            relay(&mut client, &mut upstream, &activity, &mut counts, |_| {
-                false
-            }),
+            relay(
+                &mut client,
+                &mut upstream,
+                &activity,
+                &mut counts,
+                SessionEnd::NEVER
+            ),
             async {
                 upstream_w.write_all(&down).await.unwrap();
                 upstream_w.shutdown().await.unwrap();
@@ -558,7 +591,7 @@ mod tests {
             &mut upstream,
             &Activity::new(),
             &mut counts,
-            |_| false,
+            SessionEnd::NEVER,
         )
         .await;
         assert!(ended.is_ok(), "{ended:?}");
@@ -570,7 +603,7 @@ mod tests {
             &mut upstream,
             &Activity::new(),
             &mut counts,
-            |_| false,
+            SessionEnd::NEVER,
         )
         .await;
         let error = ended.unwrap_err();
@@ -654,7 +687,10 @@ mod tests {
                 &mut upstream,
                 &Activity::new(),
                 &mut counts,
-                logged_out,
+                SessionEnd {
+                    logged_out,
+                    client_sent: b"",
+                },
             )
             .await;
             assert_eq!(ended.is_ok(), normal, "{ended:?}");

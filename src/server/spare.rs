@@ -23,7 +23,7 @@ use tracing::debug;
 use super::upstream::{self, Connected};
 use crate::config::UpstreamServer;
 
-/// The spares of one services generation (a reload starts afresh).
+/// The gateway's spares; a reload clears them (`Gateway::forget_spares`).
 pub struct Spares {
     keep_for: Duration,
     slots: Mutex<HashMap<String, Slot>>,
@@ -38,10 +38,7 @@ struct Slot {
 }
 
 fn key(server: &UpstreamServer) -> String {
-    format!(
-        "{}:{}:{:?}:{:?}",
-        server.host, server.port, server.tls, server.ca_file
-    )
+    server.id()
 }
 
 impl Spares {
@@ -55,6 +52,13 @@ impl Spares {
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops every spare (dials in flight still land, and expire).
+    pub fn clear(&self) {
+        for slot in self.slots().values_mut() {
+            slot.spare = None;
+        }
     }
 
     /// A fresh spare to `server`, if there is one.

@@ -19,6 +19,8 @@ pub struct LoggedIn {
     pub capabilities: Vec<String>,
     /// Upstream bytes that followed the login reply; they go to the client.
     pub to_client: Bytes,
+    /// The account's upstream session slot, held while the session lasts.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Why the upstream login failed.
@@ -40,6 +42,10 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
+    #[error("upstream refuses this login: {0}")]
+    Disabled(String),
+    #[error("all of the account's upstream sessions stayed busy")]
+    SessionLimit,
 }
 
 impl From<UpstreamFailure> for UpstreamError {
@@ -48,6 +54,7 @@ impl From<UpstreamFailure> for UpstreamError {
             UpstreamFailure::Rejected { status, in_use } => Self::Rejected { status, in_use },
             UpstreamFailure::Protocol(why) => Self::Protocol(why),
             UpstreamFailure::Unavailable(why) => Self::Unavailable(why),
+            UpstreamFailure::Disabled(why) => Self::Disabled(why),
         }
     }
 }
@@ -139,6 +146,7 @@ pub async fn login(
                         stream,
                         capabilities,
                         to_client,
+                        slot: None,
                     });
                 }
                 UpstreamAction::Failed(failure) => return Err(failure.into()),

@@ -229,9 +229,7 @@ impl FileStore {
     /// The store-wide write lock: held only while a save compares the
     /// version and replaces the file.
     fn write_lock(&self) -> Result<File, StoreError> {
-        let (path, file) = self.lock_file(".write.lock")?;
-        file.lock().map_err(|e| error(&path, e))?;
-        Ok(file)
+        self.lock_within(".write.lock")
     }
 
     /// Opens (creating) a lock file in the store's directory.
@@ -326,7 +324,13 @@ impl FileStore {
     /// lock for longer than the timeout.
     pub fn lock(&self, account: &str) -> Result<File, StoreError> {
         self.create_dir()?;
-        let (path, file) = self.lock_file(&format!("{account}.lock"))?;
+        self.lock_within(&format!("{account}.lock"))
+    }
+
+    /// An exclusive lock on the lock file `name`, waiting up to the lock
+    /// timeout for another holder.
+    fn lock_within(&self, name: &str) -> Result<File, StoreError> {
+        let (path, file) = self.lock_file(name)?;
         let deadline = std::time::Instant::now() + self.inner.lock_timeout;
         loop {
             match file.try_lock() {
@@ -418,20 +422,22 @@ impl TokenStore for FileStore {
     }
 }
 
-/// Flows are files named `pending-<key>` beside the token records.
+/// Flows are files named `.pending-<key>` beside the token records: the
+/// dot keeps them apart from every account (whose names can't start with
+/// one).
 #[async_trait::async_trait]
 impl PendingFlows for FileStore {
     async fn put(&self, key: &str, flow: &PendingFlow) -> Result<(), StoreError> {
-        let (name, flow) = (format!("pending-{key}"), flow.clone());
+        let (name, flow) = (format!(".pending-{key}"), flow.clone());
         self.blocking("write", move |s| s.seal(&name, &flow)).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<PendingFlow>, StoreError> {
-        self.unseal(&format!("pending-{key}"))
+        self.unseal(&format!(".pending-{key}"))
     }
 
     async fn remove(&self, key: &str) {
-        let _ = std::fs::remove_file(self.path(&format!("pending-{key}")));
+        let _ = std::fs::remove_file(self.path(&format!(".pending-{key}")));
     }
 
     async fn sweep(&self, age: Duration) {
@@ -439,7 +445,7 @@ impl PendingFlows for FileStore {
             return;
         };
         for entry in entries.flatten() {
-            let stale = entry.file_name().to_string_lossy().starts_with("pending-")
+            let stale = entry.file_name().to_string_lossy().starts_with(".pending-")
                 && entry
                     .metadata()
                     .and_then(|m| m.modified())
