@@ -519,3 +519,116 @@ fn imap_protocol() -> mailgate::protocol::Protocol {
 fn pop3_protocol() -> mailgate::protocol::Protocol {
     mailgate::protocol::Protocol::from_name("pop3").unwrap()
 }
+
+fn smtp_protocol() -> mailgate::protocol::Protocol {
+    mailgate::protocol::Protocol::from_name("smtp").unwrap()
+}
+
+/// SMTP submission: listeners, the providers' submission hosts and
+/// session caps, SMTP.Send in Microsoft's scopes, the mechanism switch.
+#[test]
+fn smtp_listeners_and_provider_defaults() {
+    let smtp =
+        "[[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:1587\"\ntls = \"starttls\"\n";
+    let c = parse(&base(smtp)).unwrap();
+    assert_eq!(c.listeners[1].protocol, smtp_protocol());
+    assert_eq!(c.listeners[1].tls, ListenerTls::StartTls);
+    let gmail = c.accounts["jira"].upstream(smtp_protocol()).unwrap();
+    assert_eq!(
+        (
+            gmail.host.as_str(),
+            gmail.port,
+            gmail.tls,
+            gmail.max_sessions
+        ),
+        (
+            "smtp.gmail.com",
+            465,
+            mailgate::proto::UpstreamTls::Implicit,
+            None
+        )
+    );
+    assert_eq!(
+        c.integrations["g"].mechanism,
+        mailgate::proto::sasl::OAuthMechanism::XOAuth2
+    );
+
+    let ms = parse(&base("").replace("provider = \"google\"", "provider = \"microsoft\"")).unwrap();
+    let office = ms.accounts["jira"].upstream(smtp_protocol()).unwrap();
+    assert_eq!(
+        (
+            office.host.as_str(),
+            office.port,
+            office.tls,
+            office.max_sessions
+        ),
+        (
+            "smtp.office365.com",
+            587,
+            mailgate::proto::UpstreamTls::StartTls,
+            Some(3)
+        )
+    );
+    assert_eq!(
+        ms.integrations["g"].scopes,
+        [
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "https://outlook.office.com/POP.AccessAsUser.All",
+            "https://outlook.office.com/SMTP.Send",
+            "offline_access"
+        ]
+    );
+    for (cloud, host) in [
+        ("usgov", "smtp.office365.us"),
+        ("china", "smtp.partner.outlook.cn"),
+    ] {
+        let c = parse(&base("").replace(
+            "provider = \"google\"",
+            &format!("provider = \"microsoft\"\ncloud = \"{cloud}\""),
+        ))
+        .unwrap();
+        assert_eq!(
+            c.accounts["jira"].upstream(smtp_protocol()).unwrap().host,
+            host
+        );
+    }
+
+    let bearer = parse(&base("").replace(
+        "client_id = \"id\"",
+        "client_id = \"id\"\nmechanism = \"oauthbearer\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        bearer.integrations["g"].mechanism,
+        mailgate::proto::sasl::OAuthMechanism::OAuthBearer
+    );
+    let capped = parse(&base(
+        "[accounts.jira.smtp]\naddress = \"smtp.example.com:587\"\ntls = \"starttls\"\nmax_sessions = 2",
+    ))
+    .unwrap();
+    assert_eq!(
+        capped.accounts["jira"]
+            .upstream(smtp_protocol())
+            .unwrap()
+            .max_sessions,
+        Some(2)
+    );
+    assert!(error_of(&base(
+        "[accounts.jira.smtp]\naddress = \"smtp.example.com:587\"\nmax_sessions = 0"
+    ))
+    .contains("accounts.jira.smtp.max_sessions"));
+    let unknown = error_of(&base("[accounts.jira.smtpp]\naddress = \"x:1\""));
+    assert!(
+        unknown.contains("accounts.jira.smtpp") && unknown.contains("smtp"),
+        "{unknown}"
+    );
+    assert!(error_of(&base("").replace(
+        "[[listeners]]\nprotocol = \"imap\"",
+        "[[listeners]]\nprotocol = \"lmtp\""
+    ))
+    .contains("unknown protocol"));
+    assert!(
+        error_of(&base("").replace("state_dir", "hostname = \"bad name\"\nstate_dir"))
+            .contains("hostname")
+    );
+}

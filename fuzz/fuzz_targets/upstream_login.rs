@@ -1,4 +1,4 @@
-//! Both upstream logins fed arbitrary upstream bytes: no panic, and the
+//! Every upstream login (IMAP, POP3, SMTP) fed arbitrary upstream bytes: no panic, and the
 //! same actions whatever the chunking.
 #![no_main]
 
@@ -75,4 +75,8 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(imap(&[usize::MAX]), imap(&chunks));
     let pop3 = |c: &[usize]| run(&mut mailgate::pop3::Upstream::new("a@b", &token, tls), plain, after, c);
     assert_eq!(pop3(&[usize::MAX]), pop3(&chunks));
+    let smtp = |c: &[usize]| {
+        run(&mut mailgate::smtp::Upstream::new("a@b", &token, tls, "client.example"), plain, after, c)
+    };
+    assert_eq!(smtp(&[usize::MAX]), smtp(&chunks));
 });
