@@ -10,13 +10,13 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
 
-use support::{harness, Account, Gateway, Options, RawClient};
+use support::{counting_proxy, harness, Account, Gateway, Options, RawClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_overlong_lines_and_literals_get_clear_answers() {
@@ -83,25 +83,6 @@ async fn garbage_overlong_lines_and_literals_get_clear_answers() {
     let (_c, greeting) = RawClient::connect(gateway.imaps).await;
     assert!(greeting.starts_with("* OK"));
     gateway.stop().await;
-}
-
-/// A TCP proxy to `target` that counts connections.
-async fn counting_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            seen.fetch_add(1, SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
-                }
-            });
-        }
-    });
-    (address, count)
 }
 
 /// 10,000 wrong passwords from one address, on as many connections as it

@@ -302,6 +302,7 @@ async fn wrong_password_is_refused_with_no_oauth_or_upstream_traffic() {
         refresh_token: None,
         upstream: (upstream.to_string(), "implicit"),
         pop3_upstream: (upstream.to_string(), "implicit"),
+        smtp_upstream: (upstream.to_string(), "implicit"),
         token_url: Some(format!("http://{oauth}/token")),
         integration_extra: String::new(),
     };

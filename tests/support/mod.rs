@@ -32,6 +32,12 @@ pub struct Harness {
     pub imaps_port: u16,
     pub pop3_port: u16,
     pub pop3s_port: u16,
+    /// The harness Postfix: submission with STARTTLS, and implicit TLS.
+    pub smtp_port: u16,
+    pub smtps_port: u16,
+    /// `tests/harness/relay-mta`, which starts an MTA relaying through a
+    /// smarthost.
+    pub relay_mta: PathBuf,
     pub seed_dir: PathBuf,
 }
 
@@ -171,6 +177,8 @@ pub struct Account {
     pub upstream: (String, &'static str),
     /// Upstream POP3 `host:port` and TLS mode.
     pub pop3_upstream: (String, &'static str),
+    /// Upstream SMTP `host:port` and TLS mode.
+    pub smtp_upstream: (String, &'static str),
     /// Overrides the token endpoint (fault tests).
     pub token_url: Option<String>,
     /// More lines for the account's `[integrations.NAME]` table.
@@ -200,6 +208,7 @@ impl Account {
             refresh_token: None,
             upstream: (format!("127.0.0.1:{}", h.imaps_port), "implicit"),
             pop3_upstream: (format!("127.0.0.1:{}", h.pop3s_port), "implicit"),
+            smtp_upstream: (format!("127.0.0.1:{}", h.smtps_port), "implicit"),
             token_url: None,
             integration_extra: String::new(),
         }
@@ -245,6 +254,9 @@ pub struct Gateway {
     pub pop3s: SocketAddr,
     /// STLS POP3 listener.
     pub pop3: SocketAddr,
+    /// Implicit-TLS and STARTTLS SMTP listeners, with `Options::smtp`.
+    pub smtps: Option<SocketAddr>,
+    pub smtp: Option<SocketAddr>,
     pub state: tempfile::TempDir,
     running: Option<mailgate::app::Running>,
 }
@@ -325,6 +337,8 @@ impl Gateway {
             imap: running.addresses[1],
             pop3s: running.addresses[2],
             pop3: running.addresses[3],
+            smtps: running.addresses.get(4).copied(),
+            smtp: running.addresses.get(5).copied(),
             state,
             running: Some(running),
         }
@@ -348,6 +362,8 @@ impl Gateway {
             imap: running.addresses[1],
             pop3s: running.addresses[2],
             pop3: running.addresses[3],
+            smtps: running.addresses.get(4).copied(),
+            smtp: running.addresses.get(5).copied(),
             state,
             running: Some(running),
         }
@@ -395,6 +411,10 @@ pub struct Options {
     pub limits: String,
     /// Cheap argon2id parameters for the accounts (load tests).
     pub cheap_hashes: bool,
+    /// Two SMTP listeners after the four others: implicit TLS, STARTTLS.
+    pub smtp: bool,
+    /// More lines for every account's `[accounts.NAME.smtp]` table.
+    pub smtp_account_extra: String,
 }
 
 impl Default for Options {
@@ -408,6 +428,8 @@ impl Default for Options {
             top: String::new(),
             limits: String::new(),
             cheap_hashes: false,
+            smtp: false,
+            smtp_account_extra: String::new(),
         }
     }
 }
@@ -451,6 +473,7 @@ tls = "implicit"
 protocol = "pop3"
 address = "127.0.0.1:{p4}"
 tls = "starttls"
+{smtp_listeners}
 [limits]
 login_failure_delay = "{failure_delay}"
 {limits}
@@ -464,6 +487,12 @@ allow_insecure_loopback_http = true
         oauth = options.oauth,
         top = options.top,
         limits = options.limits,
+        smtp_listeners = if options.smtp {
+            "[[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+             [[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"starttls\""
+        } else {
+            ""
+        },
     );
     if let Some(port) = options.http_port {
         toml.push_str(&format!(
@@ -506,6 +535,11 @@ tls = "{upstream_tls}"
 address = "{pop3_upstream}"
 tls = "{pop3_upstream_tls}"
 {ca}
+[accounts.{name}.smtp]
+address = "{smtp_upstream}"
+tls = "{smtp_upstream_tls}"
+{ca}
+{smtp_extra}
 "#,
             name = a.name,
             id = a.client.id,
@@ -529,6 +563,9 @@ tls = "{pop3_upstream_tls}"
             upstream_tls = a.upstream.1,
             pop3_upstream = a.pop3_upstream.0,
             pop3_upstream_tls = a.pop3_upstream.1,
+            smtp_upstream = a.smtp_upstream.0,
+            smtp_upstream_tls = a.smtp_upstream.1,
+            smtp_extra = options.smtp_account_extra,
         ));
     }
     toml
@@ -684,4 +721,25 @@ pub fn python_imap(args: &[String]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run imap_client.py")
+}
+
+/// A TCP proxy to `target` that counts connections.
+pub async fn counting_proxy(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (address, count)
 }
