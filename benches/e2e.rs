@@ -14,8 +14,14 @@
 //! as its own process so that its memory and CPU can be read from /proc.
 //! `MG_E2E_RELAY_ROUNDS` sets how many times the 3 MiB message is fetched
 //! (default 30); `MG_E2E_ONLY` runs only the named parts (comma-separated:
-//! relay, bulk, retr, latency, logins, memory); `MG_E2E_MAILGATE` measures
-//! another mailgate binary (for A/B runs of a change).
+//! relay, bulk, retr, latency, logins, memory, smtp); `MG_E2E_MAILGATE`
+//! measures another mailgate binary (for A/B runs of a change).
+//!
+//! SMTP (`smtp`), against a direct XOAUTH2 session at the same Postfix: a
+//! 10 MB message sent `MG_E2E_SMTP_ROUNDS` times (default 5) on one
+//! session, AUTH latency with a cached token (p50 of 100), and full
+//! submission logins (connect, TLS, EHLO, AUTH, QUIT) per second at
+//! concurrency 1 and 16.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
 #[path = "../tests/support/mod.rs"]
@@ -100,7 +106,9 @@ fn wanted(section: &str) -> bool {
     only().is_none_or(|only| only.iter().any(|s| s == section))
 }
 
-const SECTIONS: [&str; 6] = ["relay", "bulk", "retr", "latency", "logins", "memory"];
+const SECTIONS: [&str; 7] = [
+    "relay", "bulk", "retr", "latency", "logins", "memory", "smtp",
+];
 
 /// The parts `MG_E2E_ONLY` names, checked: a misspelt one would run nothing.
 fn only() -> Option<Vec<String>> {
@@ -128,6 +136,7 @@ struct Gateway {
     child: Child,
     imaps: std::net::SocketAddr,
     pop3s: std::net::SocketAddr,
+    smtps: std::net::SocketAddr,
     http_port: u16,
     _dir: tempfile::TempDir,
 }
@@ -144,6 +153,7 @@ impl Gateway {
         let options = Options {
             limits: "max_pre_login_per_ip = 4096".into(),
             http_port: Some(http_port),
+            smtp: true,
             ..Options::default()
         };
         let config = dir.path().join("mailgate.toml");
@@ -176,11 +186,13 @@ impl Gateway {
                 .filter(|l| l.contains(" listening address="))
                 .filter_map(|l| l.split("address=").nth(1)?.split(' ').next()?.parse().ok())
                 .collect();
-            if addresses.len() >= 5 {
+            // Six mail listeners (config order), then the HTTP one.
+            if addresses.len() >= 7 {
                 return Self {
                     child,
                     imaps: addresses[0],
                     pop3s: addresses[2],
+                    smtps: addresses[4],
                     http_port,
                     _dir: dir,
                 };
@@ -556,6 +568,9 @@ async fn run() {
     if wanted("logins") {
         logins(&gateway, &account, &token, &mut results).await;
     }
+    if wanted("smtp") {
+        smtp(&gateway, &account, &token, &mut results).await;
+    }
     if wanted("memory") {
         memory(gateway, &account, &mut results).await;
     }
@@ -834,4 +849,157 @@ async fn memory(gateway: Arc<Gateway>, account: &Account, results: &mut Results)
         serde_json::json!({"sessions": sessions, "kib_per_session": per_session, "open_file_limit": limit}),
     );
     drop(gateway);
+}
+
+/// One SMTP reply, every line of it.
+async fn smtp_reply(c: &mut RawClient) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = c.line().await;
+        let last = line.as_bytes().get(3) != Some(&b'-');
+        lines.push(line);
+        if last {
+            return lines;
+        }
+    }
+}
+
+/// A submission session logged in directly at Postfix with XOAUTH2, or
+/// through mailgate with AUTH PLAIN; returns it and the AUTH latency.
+async fn smtp_login(
+    gateway: Option<&Gateway>,
+    account: &Account,
+    token: &str,
+) -> (RawClient, Duration) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (address, auth) = match gateway {
+        Some(g) => (
+            g.smtps,
+            format!(
+                "AUTH PLAIN {}\r\n",
+                b64.encode(format!("\0{}\0{}", account.name, account.password))
+            ),
+        ),
+        None => (
+            format!("127.0.0.1:{}", harness().smtps_port)
+                .parse()
+                .unwrap(),
+            format!(
+                "AUTH XOAUTH2 {}\r\n",
+                b64.encode(format!(
+                    "user={}\x01auth=Bearer {token}\x01\x01",
+                    account.mailbox
+                ))
+            ),
+        ),
+    };
+    let (mut c, _) = RawClient::connect(address).await;
+    c.send(b"EHLO bench.example\r\n").await;
+    smtp_reply(&mut c).await;
+    let started = Instant::now();
+    c.send(auth.as_bytes()).await;
+    let reply = smtp_reply(&mut c).await;
+    let elapsed = started.elapsed();
+    assert!(reply[0].starts_with("235"), "{reply:?}");
+    (c, elapsed)
+}
+
+/// MB/s of submitting a 10 MB message `rounds` times on one session.
+async fn smtp_throughput(mut c: RawClient, mailbox: &str, rounds: usize) -> f64 {
+    let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\r\n";
+    let mut message =
+        format!("From: <{mailbox}>\r\nTo: <{mailbox}>\r\nSubject: bench\r\n\r\n").into_bytes();
+    message.extend(line.repeat(10 * 1024 * 1024 / line.len()).into_bytes());
+    message.extend_from_slice(b".\r\n");
+    let started = Instant::now();
+    for _ in 0..rounds {
+        c.send(format!("MAIL FROM:<{mailbox}>\r\nRCPT TO:<{mailbox}>\r\nDATA\r\n").as_bytes())
+            .await;
+        for _ in 0..3 {
+            smtp_reply(&mut c).await;
+        }
+        c.send(&message).await;
+        let accepted = smtp_reply(&mut c).await;
+        assert!(accepted[0].starts_with("250"), "{accepted:?}");
+    }
+    (message.len() * rounds) as f64 / 1e6 / started.elapsed().as_secs_f64()
+}
+
+async fn smtp_logins_per_second(
+    gateway: Option<Arc<Gateway>>,
+    account: &Account,
+    token: &str,
+    concurrency: usize,
+    total: usize,
+) -> f64 {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = total / concurrency;
+    for _ in 0..concurrency {
+        let (gateway, account, token) = (gateway.clone(), account.clone(), token.to_owned());
+        tasks.spawn(async move {
+            for _ in 0..per {
+                let (mut c, _) = smtp_login(gateway.as_deref(), &account, &token).await;
+                c.send(b"QUIT\r\n").await;
+                smtp_reply(&mut c).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    (per * concurrency) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// SMTP submission: throughput, AUTH latency, logins per second.
+async fn smtp(gateway: &Arc<Gateway>, account: &Account, token: &str, results: &mut Results) {
+    let rounds: usize = std::env::var("MG_E2E_SMTP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    // Warm up: the first login through mailgate learns Postfix's EHLO.
+    drop(smtp_login(Some(gateway), account, token).await);
+    let (c, _) = smtp_login(None, account, token).await;
+    let direct = smtp_throughput(c, &account.mailbox, rounds).await;
+    let (c, _) = smtp_login(Some(gateway), account, token).await;
+    let via = smtp_throughput(c, &account.mailbox, rounds).await;
+    report(
+        results,
+        &format!("smtp DATA 10 MB x{rounds} throughput"),
+        direct,
+        via,
+        "MB/s",
+    );
+    let (mut ds, mut vs) = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        let (mut c, d) = smtp_login(None, account, token).await;
+        c.send(b"QUIT\r\n").await;
+        ds.push(d);
+        let (mut c, v) = smtp_login(Some(gateway), account, token).await;
+        c.send(b"QUIT\r\n").await;
+        vs.push(v);
+    }
+    let (d50, v50) = (percentile(&mut ds, 0.5), percentile(&mut vs, 0.5));
+    println!(
+        "{:<40} direct {:>8.2} ms  mailgate {:>8.2} ms  added {:+.2} ms",
+        "smtp AUTH latency p50",
+        d50.as_secs_f64() * 1e3,
+        v50.as_secs_f64() * 1e3,
+        (v50.as_secs_f64() - d50.as_secs_f64()) * 1e3
+    );
+    results.insert(
+        "smtp_auth_latency_p50_ms".into(),
+        serde_json::json!({"direct": d50.as_secs_f64() * 1e3, "mailgate": v50.as_secs_f64() * 1e3}),
+    );
+    for concurrency in [1, 16] {
+        let total = 128;
+        let d = smtp_logins_per_second(None, account, token, concurrency, total).await;
+        let v =
+            smtp_logins_per_second(Some(gateway.clone()), account, token, concurrency, total).await;
+        report(
+            results,
+            &format!("smtp logins/s at concurrency {concurrency}"),
+            d,
+            v,
+            "logins/s",
+        );
+    }
 }
