@@ -93,7 +93,11 @@ async fn authorize_test_and_revoke_in_a_real_browser() {
             "imap logout",
             "pop3 connect",
             "pop3 xoauth2 login",
-            "pop3 logout"
+            "pop3 logout",
+            // The account has an SMTP upstream too (the harness Postfix).
+            "smtp connect",
+            "smtp xoauth2 login",
+            "smtp logout"
         ]
     );
 
