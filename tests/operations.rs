@@ -10,11 +10,11 @@
 mod support;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{config_toml, free_port, harness, Account, Gateway, Options, RawClient};
+use support::{config_toml, free_port, harness, Account, Gateway, Options, Process, RawClient};
 
 async fn login(addr: std::net::SocketAddr, account: &Account, tag: &str) -> (RawClient, String) {
     let (mut c, _) = RawClient::connect(addr).await;
@@ -144,109 +144,6 @@ fn alert_rules_pass_promtool() {
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
     assert!(ok, "promtool check rules: {out}");
     assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
-}
-
-/// The binary, run on a config file with fixed ports; its stderr (the log)
-/// goes to a file.
-struct Process {
-    child: Child,
-    log: PathBuf,
-    config: PathBuf,
-    imaps: std::net::SocketAddr,
-    pop3s: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    async fn start(accounts: &[Account], top: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        // Port 0 everywhere; the addresses come from the "listening" log
-        // lines, so no two tests can race for a port.
-        let options = Options {
-            top: top.into(),
-            ..Options::default()
-        };
-        let config = dir.path().join("mailgate.toml");
-        std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
-        let log = dir.path().join("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut addresses = Vec::new();
-        for _ in 0..200 {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            addresses = text
-                .lines()
-                .filter(|l| l.contains("listening") && !l.contains("http listening"))
-                .filter_map(|l| l.split("address").nth(1))
-                .filter_map(|rest| {
-                    rest.trim_start_matches(['=', '"', ':'])
-                        .split(['"', ' ', ','])
-                        .next()
-                        .map(str::to_owned)
-                })
-                .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
-                .collect::<Vec<_>>();
-            if addresses.len() == 4 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(
-            addresses.len(),
-            4,
-            "listeners not up:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        Self {
-            child,
-            log,
-            config,
-            imaps: addresses[0],
-            pop3s: addresses[2],
-            _dir: dir,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-
-    async fn wait_for_log(&self, needle: &str) {
-        for _ in 0..100 {
-            if self.log().contains(needle) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{needle:?} never appeared in the log:\n{}", self.log());
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.child.kill();
-        panic!("mailgate did not exit:\n{}", self.log());
-    }
 }
 
 /// Full sessions, then the whole log is searched for every secret the

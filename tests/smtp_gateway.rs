@@ -805,3 +805,92 @@ async fn smtp_auth_disabled_at_the_provider_names_the_fix() {
     assert!(record.needs_authorization.is_none(), "the grant is fine");
     gateway.stop().await;
 }
+
+/// A submission and a refused one through the binary with JSON logs: no
+/// password, token or client secret in the whole log, and one summary
+/// per connection with its closed error kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log() {
+    let h = harness();
+    h.seed("logged@example.test");
+    let grant = h.authorize(support::CLIENT, "logged@example.test");
+    let account = Account {
+        refresh_token: Some(grant.refresh_token.clone()),
+        ..Account::authorized_without_grant("logged", "logged@example.test")
+    };
+    let mut process = support::Process::start(
+        &[account.clone()],
+        "[log]\nformat = \"json\"\nlevel = \"debug\"",
+    )
+    .await;
+    let sent = message(&account.mailbox, &account.mailbox, "logged", "Logged.\r\n");
+    send_with_smtplib(
+        process.smtps.port(),
+        "ssl",
+        "plain",
+        &account,
+        &[&account.mailbox],
+        &sent,
+        &[],
+    );
+    let (mut c, _) = RawClient::connect(process.smtps).await;
+    let wrong = Account {
+        password: "wrong-password-456",
+        ..account.clone()
+    };
+    assert_eq!(
+        auth_plain(&mut c, &wrong).await,
+        ["535 5.7.8 Authentication credentials invalid"]
+    );
+    c.send(b"QUIT\r\n").await;
+    reply(&mut c).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process.signal("TERM");
+    assert_eq!(process.exit_code().await, Some(0));
+    let log = process.log();
+    let state_dir = process.config.parent().unwrap().to_path_buf();
+    let record = support::store(&state_dir)
+        .load_record("logged")
+        .unwrap()
+        .unwrap();
+    let secrets = [
+        record.access_token.clone().unwrap(),
+        record.refresh_token.clone().unwrap(),
+        grant.access_token.clone(),
+        grant.refresh_token.clone(),
+        account.password.to_owned(),
+        wrong.password.to_owned(),
+        plain(&account),
+        plain(&wrong),
+        support::CLIENT.secret.to_owned(),
+    ];
+    for secret in &secrets {
+        assert!(!log.contains(secret.as_str()), "a secret is in the log");
+    }
+    let summaries: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "connection closed")
+        .collect();
+    let kinds: Vec<_> = summaries
+        .iter()
+        .map(|s| {
+            (
+                s["span"]["protocol"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                s["fields"]["error_kind"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("smtp".to_owned(), "none".to_owned())),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.len(), 2, "one summary per connection: {kinds:?}");
+}

@@ -5,8 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
@@ -742,4 +743,111 @@ pub async fn counting_proxy(
         }
     });
     (address, count)
+}
+
+/// The `mailgate` binary, run on a config file (listeners on port 0, SMTP
+/// included); its stderr (the log) goes to a file.
+pub struct Process {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    pub imaps: std::net::SocketAddr,
+    pub pop3s: std::net::SocketAddr,
+    /// The implicit-TLS SMTP listener.
+    pub smtps: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    pub async fn start(accounts: &[Account], top: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 0 everywhere; the addresses come from the "listening" log
+        // lines, so no two tests can race for a port.
+        let options = Options {
+            top: top.into(),
+            smtp: true,
+            ..Options::default()
+        };
+        let config = dir.path().join("mailgate.toml");
+        std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
+        let log = dir.path().join("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut addresses = Vec::new();
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            addresses = text
+                .lines()
+                .filter(|l| l.contains("listening") && !l.contains("http listening"))
+                .filter_map(|l| l.split("address").nth(1))
+                .filter_map(|rest| {
+                    rest.trim_start_matches(['=', '"', ':'])
+                        .split(['"', ' ', ','])
+                        .next()
+                        .map(str::to_owned)
+                })
+                .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+                .collect::<Vec<_>>();
+            if addresses.len() == 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            addresses.len(),
+            6,
+            "listeners not up:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            child,
+            log,
+            config,
+            imaps: addresses[0],
+            pop3s: addresses[2],
+            smtps: addresses[4],
+            _dir: dir,
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    pub async fn wait_for_log(&self, needle: &str) {
+        for _ in 0..100 {
+            if self.log().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{needle:?} never appeared in the log:\n{}", self.log());
+    }
+
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        panic!("mailgate did not exit:\n{}", self.log());
+    }
 }
