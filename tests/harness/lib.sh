@@ -170,6 +170,10 @@ pf_start() {
   chmod 755 "$root" "$root/etc" "$root/queue"
   chown postfix:postfix "$root/data"   # data_directory must belong to mail_owner
   chmod 700 "$root/data"
+  # Postfix does not read a file (main.cf, master.cf, texthash maps) until
+  # its mtime is over a second old ("let it cool down", 300 ms steps): a
+  # freshly written config would cost every program ~2 s. Backdate them.
+  touch -d "@$(($(date +%s) - 60))" "$root"/etc/*
   if ! postfix -c "$root/etc" start >"$root/start.log" 2>&1; then
     echo "postfix -c $root/etc start failed" >&2
     return 1

@@ -354,11 +354,12 @@ def main():
                  b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n")
     c, r = h.login(env["SMTP_PORT"], sender, t_sender)
     r1 = c.cmd(b"MAIL FROM:<" + s_b + b"> BODY=8BITMIME")
-    r2 = c.cmd(b"RCPT TO:<" + r_b + b">")
+    r2 = c.cmd(b"RCPT TO:<" + r_b + b">") + c.cmd(b"RCPT TO:<" + rcpt2.encode() + b">")
     r3 = c.data(m1)
-    print(f"     8BITMIME: {r1!r} {r2!r} {r3!r}")
-    check(r3.startswith(b"250 2.0.0 Ok: queued as "), "8BITMIME message accepted (250 2.0.0)")
+    print(f"     8BITMIME, 2 recipients: {r1!r} {r2!r} {r3!r}")
+    check(r3.startswith(b"250 2.0.0 Ok: queued as "), "8BITMIME message for 2 recipients accepted (250 2.0.0)")
     sent["8bit"] = (rcpt, t_rcpt, f"<8bit-{run}@example.test>", m1)
+    sent["8bit, 2nd recipient"] = (rcpt2, t_rcpt2, f"<8bit-{run}@example.test>", m1)
     # SMTPUTF8: UTF-8 in From/To/Subject (not encoded words).
     m2 = message(f"<utf8-{run}@example.test>".encode(), "Jürgen Ölmann <".encode() + s_b + b">",
                  "Zoë <".encode() + r_b + b">", "Grüße ✓ SMTPUTF8 日本語".encode(), "Body ✓\r\n".encode(),
@@ -406,6 +407,9 @@ def main():
         if not ok and body is not None:
             print(f"     got {len(body)} bytes; head: {body[:600]!r}")
         check(ok, f"{name}: IMAP BODY[] as {user} = 3 trace headers + the sent bytes, byte for byte")
+        check(f"\r\nDelivered-To: {user}\r\n".encode() in body[: len(body) - len(msg)] and
+              body.startswith(f"Return-Path: <{sender}>\r\n".encode()),
+              f"{name}: Return-Path = the envelope sender, Delivered-To = {user}")
         if name == "8bit":
             print("     trace headers: " + repr(body[: len(body) - len(msg)]))
 
