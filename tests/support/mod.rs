@@ -660,9 +660,14 @@ impl RawClient {
         self.stream = Some(tls);
     }
 
+    /// Writes `bytes` and flushes: under TLS the last record may
+    /// otherwise wait in the TLS buffer.
     pub async fn send(&mut self, bytes: &[u8]) {
         match (&mut self.stream, &mut self.plain) {
-            (Some(s), _) => s.write_all(bytes).await.unwrap(),
+            (Some(s), _) => {
+                s.write_all(bytes).await.unwrap();
+                s.flush().await.unwrap();
+            }
             (None, Some(p)) => p.write_all(bytes).await.unwrap(),
             _ => unreachable!(),
         }
