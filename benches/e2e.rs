@@ -960,7 +960,11 @@ async fn smtp(gateway: &Arc<Gateway>, account: &Account, token: &str, results: &
     let (c, _) = smtp_login(None, account, token).await;
     let direct = smtp_throughput(c, &account.mailbox, rounds).await;
     let (c, _) = smtp_login(Some(gateway), account, token).await;
+    let (_, cpu_before) = gateway.stat();
+    let split_before = cpu_split(gateway.child.id());
     let via = smtp_throughput(c, &account.mailbox, rounds).await;
+    let (_, cpu_after) = gateway.stat();
+    let split_after = cpu_split(gateway.child.id());
     report(
         results,
         &format!("smtp DATA 10 MB x{rounds} throughput"),
@@ -968,6 +972,16 @@ async fn smtp(gateway: &Arc<Gateway>, account: &Account, token: &str, results: &
         via,
         "MB/s",
     );
+    // About 10.5 MB a round, relayed client to upstream.
+    let gb = (rounds * 10_486_000) as f64 / 1e9;
+    let per_gb = (cpu_after - cpu_before) / gb;
+    println!(
+        "{:<40} {per_gb:.2} CPU-seconds per GB submitted ({:.2} user + {:.2} system)",
+        "mailgate submission relay cost",
+        (split_after.0 - split_before.0) / gb,
+        (split_after.1 - split_before.1) / gb,
+    );
+    results.insert("smtp_cpu_seconds_per_gb".into(), serde_json::json!(per_gb));
     let (mut ds, mut vs) = (Vec::new(), Vec::new());
     for _ in 0..100 {
         let (mut c, d) = smtp_login(None, account, token).await;
