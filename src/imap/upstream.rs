@@ -8,8 +8,7 @@ use super::parse::{self, Code, Response, Status};
 use crate::proto::machine::{self, Machine, Stepped};
 use crate::proto::sasl::{self, OAuthMechanism};
 use crate::proto::{
-    Frame, LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
-    UPSTREAM_LIMITS,
+    LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -267,20 +266,10 @@ impl Stepped for Upstream {
     }
 
     fn step(&mut self) -> bool {
-        if matches!(self.state, State::Done | State::StartingTls) {
-            return false;
-        }
-        match self.machine.frame(false) {
-            None => false,
-            Some(Frame::Complete(line)) => {
-                self.line(&line);
-                true
-            }
-            Some(_) => {
-                self.fail("upstream sent an overlong line");
-                true
-            }
-        }
+        let waits = matches!(self.state, State::Done | State::StartingTls);
+        machine::step_upstream(self, waits, Self::line, |s| {
+            s.fail("upstream sent an overlong line")
+        })
     }
 }
 

@@ -7,8 +7,7 @@ use super::parse::{self, Response};
 use crate::proto::machine::{self, Machine, Stepped};
 use crate::proto::sasl::{self, OAuthMechanism};
 use crate::proto::{
-    Frame, LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
-    UPSTREAM_LIMITS,
+    LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -234,20 +233,10 @@ impl Stepped for Upstream {
     }
 
     fn step(&mut self) -> bool {
-        if matches!(self.state, State::Done | State::StartingTls) {
-            return false;
-        }
-        match self.machine.frame(false) {
-            None => false,
-            Some(Frame::Complete(line)) => {
-                self.line(&line);
-                true
-            }
-            Some(_) => {
-                self.fail("upstream sent an overlong line");
-                true
-            }
-        }
+        let waits = matches!(self.state, State::Done | State::StartingTls);
+        machine::step_upstream(self, waits, Self::line, |s| {
+            s.fail("upstream sent an overlong line")
+        })
     }
 }
 

@@ -122,6 +122,31 @@ pub fn next_action<S: Stepped>(conversation: &mut S) -> Option<S::Action> {
     }
 }
 
+/// One step of an upstream login: the next line to `on_line`, or an
+/// overlong one to `overlong`; nothing while the login `waits` (done, or
+/// in a TLS handshake). The step every upstream login takes.
+pub fn step_upstream<S: Stepped>(
+    login: &mut S,
+    waits: bool,
+    on_line: fn(&mut S, &[u8]),
+    overlong: fn(&mut S),
+) -> bool {
+    if waits {
+        return false;
+    }
+    match login.machine().frame(false) {
+        None => false,
+        Some(Frame::Complete(line)) => {
+            on_line(login, &line);
+            true
+        }
+        Some(_) => {
+            overlong(login);
+            true
+        }
+    }
+}
+
 /// A line without its CRLF (or bare LF).
 pub fn trim_line_end(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);

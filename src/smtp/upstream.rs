@@ -8,8 +8,7 @@ use super::parse::{self, ReplyLine};
 use crate::proto::machine::{self, Machine, Stepped};
 use crate::proto::sasl::{self, OAuthMechanism};
 use crate::proto::{
-    Frame, LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls,
-    UPSTREAM_LIMITS,
+    LoginRequest, UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls, UPSTREAM_LIMITS,
 };
 use crate::secret::Secret;
 
@@ -259,20 +258,10 @@ impl Stepped for Upstream {
     }
 
     fn step(&mut self) -> bool {
-        if matches!(self.state, State::Done | State::StartingTls) {
-            return false;
-        }
-        match self.machine.frame(false) {
-            None => false,
-            Some(Frame::Complete(line)) => {
-                self.line(&line);
-                true
-            }
-            Some(_) => {
-                self.protocol("upstream sent an overlong line".into());
-                true
-            }
-        }
+        let waits = matches!(self.state, State::Done | State::StartingTls);
+        machine::step_upstream(self, waits, Self::line, |s| {
+            s.protocol("upstream sent an overlong line".into())
+        })
     }
 }
 
