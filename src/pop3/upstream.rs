@@ -52,16 +52,7 @@ pub struct Upstream {
 impl Upstream {
     /// An XOAUTH2 login as `mailbox` with `access_token`.
     pub fn new(mailbox: &str, access_token: &Secret<String>, tls: UpstreamTls) -> Self {
-        Self::with(&LoginRequest {
-            mailbox,
-            token: access_token,
-            mechanism: OAuthMechanism::XOAuth2,
-            tls,
-            host: "",
-            port: 0,
-            client_hello: None,
-            gateway_host: "",
-        })
+        Self::with(&LoginRequest::xoauth2(mailbox, access_token, tls))
     }
 
     /// The login `request` asks for.

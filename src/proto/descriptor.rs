@@ -65,6 +65,23 @@ pub struct SessionOptions {
     pub upstream_capabilities: Option<Arc<[Arc<[String]>]>>,
 }
 
+impl<'a> LoginRequest<'a> {
+    /// A plain XOAUTH2 login as `mailbox` (tests, fuzzing, benchmarks):
+    /// no upstream address for OAUTHBEARER, no greeting names.
+    pub fn xoauth2(mailbox: &'a str, token: &'a Secret<String>, tls: UpstreamTls) -> Self {
+        Self {
+            mailbox,
+            token,
+            mechanism: OAuthMechanism::XOAuth2,
+            tls,
+            host: "",
+            port: 0,
+            client_hello: None,
+            gateway_host: "",
+        }
+    }
+}
+
 /// Everything our own login at an upstream needs.
 #[derive(Debug)]
 pub struct LoginRequest<'a> {

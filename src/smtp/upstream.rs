@@ -88,14 +88,8 @@ impl Upstream {
         hello: &str,
     ) -> Self {
         Self::with(&LoginRequest {
-            mailbox,
-            token: access_token,
-            mechanism: OAuthMechanism::XOAuth2,
-            tls,
-            host: "",
-            port: 0,
             client_hello: Some(hello),
-            gateway_host: "",
+            ..LoginRequest::xoauth2(mailbox, access_token, tls)
         })
     }
 
