@@ -36,6 +36,9 @@ pub struct Harness {
     /// The harness Postfix: submission with STARTTLS, and implicit TLS.
     pub smtp_port: u16,
     pub smtps_port: u16,
+    /// The harness Postfix's config directory (`DIR/postfix/etc`); its
+    /// queue is the sibling `queue/`.
+    pub postfix_config_dir: PathBuf,
     /// `tests/harness/relay-mta`, which starts an MTA relaying through a
     /// smarthost.
     pub relay_mta: PathBuf,
