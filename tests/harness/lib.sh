@@ -1,7 +1,18 @@
-# Sourced (not run) by start, stop and relay-mta: process helpers and the
-# private Postfix instances. Needs bash.
+# Sourced (not run) by setup, start, stop, relay-mta, pg and balancer: process
+# helpers, the private Postfix instances, the private PostgreSQL cluster and
+# the private HAProxy balancers. Needs bash.
 
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+# alive PID: the process exists and has not exited. A zombie (exited, not yet
+# reaped) counts as gone: daemons here are orphans, and this machine's init
+# reaps orphans only every second or two (measured: a stopped postmaster
+# stayed a zombie for 1.2-1.9 s), which would add that to every stop.
+alive() {
+  local s
+  [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null || return 1
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  [[ ${s:0:1} != [ZX] ]]
+}
 cmdline() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
 # Process start time (field 22 of /proc/PID/stat), to detect pid reuse.
 starttime() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; s=${s##*) }; set -- $s; echo "${20}"; }
@@ -52,6 +63,20 @@ term_tree() {
     done
     wait_gone 5 "${kids[@]}" || true
   fi
+}
+
+# exec_closed CMD ARGS...: exec CMD with every file descriptor above 2 closed
+# (call it in a subshell). For long-lived daemons (postgres, haproxy): they
+# would otherwise inherit the caller's descriptors, e.g. the lock of `pg`
+# (flock on fd 9, held for as long as the postmaster lives) or a pipe a
+# caller waits on for EOF.
+exec_closed() {
+  local fd
+  for fd in /proc/self/fd/*; do
+    fd=${fd##*/}
+    ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+  done
+  exec "$@"
 }
 
 # free_ports N: N free loopback TCP ports, space-separated.
@@ -217,4 +242,108 @@ for arg in sys.argv[2:]:
                 sys.exit(f"port {port} not ready: {e}")
             time.sleep(0.05)
 EOF
+}
+
+# --- private PostgreSQL cluster (DIR/pg) -------------------------------------------
+# DIR/pg (owned by postgres): data/ (the cluster, initdb'd by start), run/ (the
+# unix socket directory), server.pem/server.key (copies of the harness
+# certificate; PostgreSQL wants the key owned by its user, mode 0600),
+# password (mailgate's password, no trailing newline), ctl.log (pg_ctl's
+# output). The server log is DIR/pg.log (pg_ctl -l, owned by postgres).
+
+# pg_bin_dir: Debian's newest /usr/lib/postgresql/VERSION/bin with an initdb.
+pg_bin_dir() {
+  local d best= bestv=-1 v
+  for d in /usr/lib/postgresql/*/bin; do
+    [[ -x $d/initdb && -x $d/pg_ctl ]] || continue
+    v=${d#/usr/lib/postgresql/}; v=${v%/bin}
+    [[ $v =~ ^[0-9]+$ ]] || continue
+    ((v > bestv)) && { bestv=$v; best=$d; }
+  done
+  [[ -n $best ]] || return 1
+  echo "$best"
+}
+
+# pg_pid DATA: the pid of the postmaster running on data directory DATA, if
+# any: the first line of DATA/postmaster.pid, alive, a postgres binary, and its
+# working directory (the postmaster chdirs to its data directory) is DATA.
+pg_pid() {
+  local data pid
+  data=$(readlink -f "$1" 2>/dev/null) || return 0
+  pid=$(head -n 1 "$data/postmaster.pid" 2>/dev/null || true)
+  [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 0
+  [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */postgres ]] || return 0
+  [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$data" ]] || return 0
+  echo "$pid"
+}
+
+# pg_ctl_as DIR ARGS...: pg_ctl -D DIR/pg/data ARGS as the postgres user (from
+# /, so that the caller's working directory need not be readable by
+# postgres), with no inherited descriptors but stdio; its output is appended
+# to DIR/pg/ctl.log.
+pg_ctl_as() {
+  local dir=$1 bin; shift
+  bin=$(pg_bin_dir) || { echo "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin" >&2; return 1; }
+  (cd / && exec_closed runuser -u postgres -- "$bin/pg_ctl" -D "$dir/pg/data" "$@") >>"$dir/pg/ctl.log" 2>&1
+}
+
+# pg_start DIR: start the cluster of DIR (no-op if it runs) and print the
+# postmaster's pid.
+pg_start() {
+  local dir=$1 pid
+  pid=$(pg_pid "$dir/pg/data")
+  if [[ -z $pid ]]; then
+    if ! pg_ctl_as "$dir" -l "$dir/pg.log" -w -t 60 start; then
+      echo "pg_ctl start failed; last lines of $dir/pg/ctl.log and $dir/pg.log:" >&2
+      tail -n 5 "$dir/pg/ctl.log" >&2 || true
+      tail -n 15 "$dir/pg.log" >&2 || true
+      return 1
+    fi
+    pid=$(pg_pid "$dir/pg/data")
+    [[ -n $pid ]] || { echo "postgres in $dir/pg/data is not running after pg_ctl start" >&2; return 1; }
+  fi
+  echo "$pid"
+}
+
+# pg_stop DIR: stop the cluster of DIR (pg_ctl stop -m fast -w), if it runs,
+# and wait until the postmaster is gone. Idempotent. Falls back to an
+# immediate shutdown, then SIGKILL, if a fast one does not finish in 30 s.
+pg_stop() {
+  local dir=$1 pid
+  pid=$(pg_pid "$dir/pg/data")
+  [[ -n $pid ]] || return 0
+  if ! pg_ctl_as "$dir" -m fast -w -t 30 stop; then
+    echo "pg: fast shutdown of $dir/pg/data failed; trying immediate" >&2
+    pg_ctl_as "$dir" -m immediate -w -t 10 stop || true
+  fi
+  if ! wait_gone 10 "$pid"; then
+    echo "pg: postmaster $pid still alive; sending SIGKILL" >&2
+    term_tree "$pid" "postgres"
+  fi
+  return 0
+}
+
+# --- private HAProxy balancers (DIR/balancer-NAME) ----------------------------------
+# DIR/balancer-NAME: haproxy.cfg, pid (haproxy -p), haproxy.log (its startup
+# output; daemon mode has no logging after that).
+
+# hb_pid ROOT: the pid of the balancer's haproxy, if it runs: from ROOT/pid,
+# alive, and its command line names ROOT/haproxy.cfg.
+hb_pid() {
+  local pid
+  pid=$(head -n 1 "$1/pid" 2>/dev/null || true)
+  [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 0
+  [[ $(cmdline "$pid") == *haproxy*"$1/haproxy.cfg"* ]] && echo "$pid"
+  return 0
+}
+
+# hb_stop ROOT WHAT: stop that haproxy and wait until it is gone. Idempotent.
+hb_stop() {
+  local pid
+  pid=$(hb_pid "$1")
+  if [[ -n $pid ]]; then
+    term "$pid" "$2"
+    echo "stop: $2 (pid $pid) stopped"
+  fi
+  return 0
 }
