@@ -145,7 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server_tls = crate::tls::server(config.certificate.as_ref(), &config.state_dir)
         .map_err(StartError::Certificate)?;
     info!(sha256 = %server_tls.fingerprint, "listener certificate");
-    let stores = oauth::open_store(&config)?;
+    let stores = oauth::open_store(&config, Some(metrics.clone())).await?;
     let services = Services::build(config.clone(), metrics.clone(), stores.tokens.clone())?;
     let tokens = services.tokens.clone();
     let current = Current::new(services);

@@ -28,9 +28,11 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 /// The store, opened once for the command, and the services around it.
-fn services(config: Arc<Config>) -> Result<(Stores, Services), ExitCode> {
+async fn services(config: Arc<Config>) -> Result<(Stores, Services), ExitCode> {
     let metrics = Arc::new(mailgate::metrics::Metrics::new().map_err(fail)?);
-    let stores = oauth::open_store(&config).map_err(fail)?;
+    let stores = oauth::open_store(&config, Some(metrics.clone()))
+        .await
+        .map_err(fail)?;
     let services = Services::build(config, metrics, stores.tokens.clone()).map_err(fail)?;
     Ok((stores, services))
 }
@@ -43,7 +45,7 @@ pub async fn authorize(config: Config, name: &str, mode: AuthorizeMode) -> ExitC
     let Some(account) = config.accounts.get(name).cloned() else {
         return fail(format!("no account named {name:?}"));
     };
-    let (stores, services) = match services(config.clone()) {
+    let (stores, services) = match services(config.clone()).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -236,7 +238,7 @@ async fn authorize_device(tokens: &Tokens, account: &Account) -> ExitCode {
 pub async fn status(config: Config) -> ExitCode {
     // Only the store: a status must show even when the rest of the
     // config's services (a CA file, say) can't be built.
-    let store = match oauth::open_store(&config) {
+    let store = match oauth::open_store(&config, None).await {
         Ok(s) => s.tokens,
         Err(e) => return fail(e),
     };
@@ -338,7 +340,7 @@ pub async fn test(config: Config, target: &str) -> ExitCode {
         return fail(format!("integration {target} has no accounts to test"));
     }
     let timeout = config.limits.upstream_timeout;
-    let (_, services) = match services(Arc::new(config)) {
+    let (_, services) = match services(Arc::new(config)).await {
         Ok(s) => s,
         Err(code) => return code,
     };

@@ -124,8 +124,14 @@ fn main() -> ExitCode {
         Command::CheckConfig => match Config::load(&cli.config) {
             Ok(config) => {
                 print!("{}", config.summary());
-                println!("config OK");
-                ExitCode::SUCCESS
+                block_on(async {
+                    if let Err(why) = check_store(&config).await {
+                        eprintln!("mailgate: {why}");
+                        return ExitCode::FAILURE;
+                    }
+                    println!("config OK");
+                    ExitCode::SUCCESS
+                })
             }
             Err(e) => config_error(&cli.config, &e),
         },
@@ -138,6 +144,32 @@ fn main() -> ExitCode {
             block_on(run(config, cli.config.clone()))
         }
     }
+}
+
+/// For a shared store: whether the database is reachable, and at which
+/// schema version (nothing is created or migrated here).
+async fn check_store(config: &Config) -> Result<(), String> {
+    use mailgate::oauth::store::postgres::{PgStore, SCHEMA_VERSION};
+    let mailgate::config::StoreBackend::Postgres(settings) = &config.store else {
+        return Ok(());
+    };
+    let store = PgStore::connector(settings, &config.store_key, None).map_err(|e| e.to_string())?;
+    match store.schema_version().await {
+        Ok(0) => println!(
+            "store: reachable; no mailgate tables yet (`mailgate run` creates them at schema version {SCHEMA_VERSION})"
+        ),
+        Ok(v) if v == SCHEMA_VERSION => println!("store: reachable, schema version {v}"),
+        Ok(v) if v < SCHEMA_VERSION => println!(
+            "store: reachable, schema version {v}; `mailgate run` migrates it to {SCHEMA_VERSION}"
+        ),
+        Ok(v) => {
+            return Err(format!(
+                "store: schema version {v} is newer than this mailgate's ({SCHEMA_VERSION}): upgrade mailgate"
+            ))
+        }
+        Err(e) => return Err(format!("store unreachable: {e}")),
+    }
+    Ok(())
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {

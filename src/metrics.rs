@@ -26,6 +26,9 @@ pub struct Metrics {
     pub upstream_spares: IntCounterVec,
     pub client_secret_expiry_seconds: IntGaugeVec,
     pub connections_closed: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub lease_takeovers: IntCounterVec,
+    pub stale_saves: IntCounterVec,
 }
 
 /// How a login ended: the `outcome` label of `mailgate_logins_total`.
@@ -184,6 +187,21 @@ impl Metrics {
                 "mailgate_connections_closed_total",
                 "Client connections closed, by how they ended (error_kind \"none\": normally) and whose fault that was.",
                 &["protocol", "error_kind", "blame"],
+            )?,
+            store_errors: counter(
+                "mailgate_store_errors_total",
+                "Token store operations that failed (the database unreachable, a statement refused).",
+                &["backend", "operation"],
+            )?,
+            lease_takeovers: counter(
+                "mailgate_store_lease_takeovers_total",
+                "Refresh leases taken over after their holder let them expire unreleased (it died or stalled).",
+                &["account"],
+            )?,
+            stale_saves: counter(
+                "mailgate_store_stale_saves_total",
+                "Saves of token records refused and dropped: another writer saved a newer version, or the refresh lease was lost.",
+                &["account", "reason"],
             )?,
             registry,
         };

@@ -60,7 +60,7 @@ async fn short_lived_tokens_are_reused_while_fresh_and_refreshed_before_expiry()
         &config,
         &mailgate::tls::client(None).unwrap(),
         metrics(),
-        store_of(&config),
+        store_of(&config).await,
     )
     .unwrap();
     let account = &config.accounts["acct"];
@@ -97,7 +97,7 @@ async fn a_revoked_grant_is_reported_as_needing_authorization() {
         &config,
         &mailgate::tls::client(None).unwrap(),
         metrics(),
-        store_of(&config),
+        store_of(&config).await,
     )
     .unwrap();
     h.revoke(support::CLIENT, &grant.refresh_token, "refresh_token")
@@ -124,7 +124,7 @@ async fn concurrent_requests_share_one_refresh() {
             &config,
             &mailgate::tls::client(None).unwrap(),
             metrics(),
-            store_of(&config),
+            store_of(&config).await,
         )
         .unwrap(),
     );
@@ -151,6 +151,11 @@ fn metrics() -> std::sync::Arc<mailgate::metrics::Metrics> {
 }
 
 /// The config's token store, opened once as the wiring does.
-fn store_of(config: &mailgate::config::Config) -> std::sync::Arc<dyn mailgate::oauth::TokenStore> {
-    mailgate::oauth::open_store(config).unwrap().tokens
+async fn store_of(
+    config: &mailgate::config::Config,
+) -> std::sync::Arc<dyn mailgate::oauth::TokenStore> {
+    mailgate::oauth::open_store(config, None)
+        .await
+        .unwrap()
+        .tokens
 }

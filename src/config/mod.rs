@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
@@ -69,6 +70,8 @@ pub struct Config {
     pub http: Option<HttpSettings>,
     /// Where the token store's key comes from.
     pub store_key: KeySource,
+    /// Which store holds tokens, leases and pending flows.
+    pub store: StoreBackend,
     pub log: LogSettings,
     pub listeners: Vec<Listener>,
     /// PEM files for the listeners; `None` means a self-signed certificate
@@ -86,6 +89,9 @@ pub struct Listener {
     pub protocol: Protocol,
     pub address: SocketAddr,
     pub tls: ListenerTls,
+    /// Load balancers whose connections start with a PROXY protocol
+    /// header (v1 or v2) naming the real client; empty: none.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +111,42 @@ pub enum KeySource {
 
 /// The environment variable that may hold the store key.
 pub const KEY_ENV: &str = "MAILGATE_TOKEN_KEY";
+
+/// The environment variable that may hold the PostgreSQL store's password.
+pub const STORE_PASSWORD_ENV: &str = "MAILGATE_STORE_PASSWORD";
+
+/// Where token records, refresh leases and pending flows live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Encrypted files in the state directory: one instance, no database.
+    File,
+    /// A PostgreSQL database shared by several instances.
+    Postgres(PostgresSettings),
+}
+
+/// `[store] backend = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// The connection URL or key=value string, without a password.
+    pub url: String,
+    pub password: Option<PasswordSource>,
+    /// CA certificates that the server's certificate must chain to; the
+    /// system's web roots when unset. TLS is always on and verified.
+    pub ca_file: Option<PathBuf>,
+    /// How often each instance looks for records that another one saved.
+    pub poll_interval: Duration,
+    /// How long connecting (TCP, TLS, authentication) may take.
+    pub connect_timeout: Duration,
+}
+
+/// Where a password comes from: never the config file itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// Read at each connection, so that a rotated password is picked up.
+    File(PathBuf),
+    /// From `MAILGATE_STORE_PASSWORD`.
+    Env(Secret<String>),
+}
 
 /// How and how much mailgate logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +170,7 @@ impl Config {
                 // the store key; neither is a key in the file.
                 .merge(
                     Env::prefixed("MAILGATE_")
-                        .ignore(&["config", "token_key"])
+                        .ignore(&["config", "token_key", "store_password"])
                         .split("__"),
                 ),
         )
@@ -212,6 +254,7 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         accounts.insert(name, Arc::new(account));
     }
     let http = raw.http.map(http::http_settings).transpose()?;
+    let store = store_backend(&raw.store)?;
     let store_key = match std::env::var(KEY_ENV) {
         Ok(hex) => KeySource::Hex(Secret::new(hex)),
         Err(_) => KeySource::File(
@@ -250,6 +293,7 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         hostname,
         http,
         store_key,
+        store,
         log,
         state_dir: raw.state_dir,
         listeners,
@@ -284,10 +328,26 @@ fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
             ListenerTls::Plaintext
         }
     };
+    let proxy_protocol_from = l
+        .proxy_protocol_from
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        format!("{key}.proxy_protocol_from[{i}]"),
+                        format!("{net:?} is not an address or a network (10.0.0.0/8, ::1)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Listener {
         protocol: l.protocol,
         address,
         tls,
+        proxy_protocol_from,
     })
 }
 
@@ -330,6 +390,83 @@ fn system_hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| crate::proto::descriptor::is_host_name(h))
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The `[store]` table's backend, checked: a PostgreSQL URL must parse,
+/// name TCP hosts (TLS is always on) and hold no password.
+fn store_backend(raw: &raw::Store) -> Result<StoreBackend, ConfigError> {
+    let postgres_only = [
+        ("store.url", raw.url.is_some()),
+        ("store.password_file", raw.password_file.is_some()),
+        ("store.ca_file", raw.ca_file.is_some()),
+        ("store.poll_interval", raw.poll_interval.is_some()),
+        ("store.connect_timeout", raw.connect_timeout.is_some()),
+    ];
+    if raw.backend != Some(raw::StoreBackendName::Postgres) {
+        if let Some((key, _)) = postgres_only.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                *key,
+                "is a setting of the PostgreSQL store: set store.backend = \"postgres\"",
+            ));
+        }
+        return Ok(StoreBackend::File);
+    }
+    let url = raw
+        .url
+        .clone()
+        .ok_or_else(|| invalid("store.url", "is required with backend = \"postgres\""))?;
+    let parsed: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        invalid("store.url", format!("is not a PostgreSQL connection string: {e}"))
+    })?;
+    if parsed.get_password().is_some() {
+        return Err(invalid(
+            "store.url",
+            format!("must not hold the password: put it in store.password_file or {STORE_PASSWORD_ENV}"),
+        ));
+    }
+    if parsed.get_hosts().is_empty()
+        || parsed
+            .get_hosts()
+            .iter()
+            .any(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)))
+    {
+        return Err(invalid(
+            "store.url",
+            "must name the database server's host (a TCP address; TLS is always used)",
+        ));
+    }
+    if parsed.get_user().is_none() {
+        return Err(invalid("store.url", "must name the user (postgres://USER@HOST/DB)"));
+    }
+    let password = match (std::env::var(STORE_PASSWORD_ENV), &raw.password_file) {
+        (Ok(p), _) => Some(PasswordSource::Env(Secret::new(p))),
+        (Err(_), Some(file)) => {
+            std::fs::metadata(file).map_err(|e| {
+                invalid("store.password_file", format!("{}: {e}", file.display()))
+            })?;
+            Some(PasswordSource::File(file.clone()))
+        }
+        (Err(_), None) => None,
+    };
+    if let Some(ca) = &raw.ca_file {
+        std::fs::metadata(ca)
+            .map_err(|e| invalid("store.ca_file", format!("{}: {e}", ca.display())))?;
+    }
+    let poll_interval = raw.poll_interval.unwrap_or(Duration::from_secs(1));
+    if poll_interval < Duration::from_millis(50) || poll_interval > Duration::from_secs(60) {
+        return Err(invalid("store.poll_interval", "must be between 50ms and 60s"));
+    }
+    let connect_timeout = raw.connect_timeout.unwrap_or(Duration::from_secs(5));
+    if connect_timeout.is_zero() {
+        return Err(invalid("store.connect_timeout", "must be more than 0"));
+    }
+    Ok(StoreBackend::Postgres(PostgresSettings {
+        url,
+        password,
+        ca_file: raw.ca_file.clone(),
+        poll_interval,
+        connect_timeout,
+    }))
 }
 
 /// Names of integrations and accounts: they name files in the token store.

@@ -43,6 +43,8 @@ pub struct Listener {
     pub protocol: Protocol,
     pub address: String,
     pub tls: ListenerTls,
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -89,6 +91,21 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct Store {
     pub key_file: Option<PathBuf>,
+    pub backend: Option<StoreBackendName>,
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackendName {
+    File,
+    Postgres,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +140,8 @@ pub struct Limits {
     pub upstream_spare_for: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub upstream_session_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub proxy_header_timeout: Option<Duration>,
     #[serde(flatten)]
     pub per_protocol: PerProtocol,
 }

@@ -38,7 +38,13 @@ pub struct Limits {
     /// How long a login waits for one of its account's upstream sessions
     /// (`max_sessions`) to end before it is refused.
     pub upstream_session_wait: Duration,
+    /// How long a connection from a trusted load balancer may take to send
+    /// its PROXY protocol header.
+    pub proxy_header_timeout: Duration,
 }
+
+/// A balancer sends its PROXY header with the connection's first packet.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// 32 half-open logins from one address is more than any poller needs,
 /// and little for an attacker.
@@ -202,6 +208,12 @@ pub(super) fn limits(l: &raw::Limits) -> Result<Limits, ConfigError> {
             l.upstream_session_wait,
             DEFAULT_UPSTREAM_SESSION_WAIT,
             false,
+        )?,
+        proxy_header_timeout: bounded(
+            "limits.proxy_header_timeout",
+            l.proxy_header_timeout,
+            DEFAULT_PROXY_HEADER_TIMEOUT,
+            true,
         )?,
     })
 }

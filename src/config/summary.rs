@@ -19,6 +19,29 @@ impl Config {
                 None => "self-signed, kept in the state directory".into(),
             }
         );
+        let _ = writeln!(
+            s,
+            "store: {}",
+            match &self.store {
+                super::StoreBackend::File => format!(
+                    "files in {}",
+                    self.state_dir.join("tokens").display()
+                ),
+                super::StoreBackend::Postgres(p) => format!(
+                    "postgres {}, password {}, CA {}",
+                    p.url,
+                    match &p.password {
+                        Some(super::PasswordSource::File(f)) => format!("from {}", f.display()),
+                        Some(super::PasswordSource::Env(_)) =>
+                            format!("from {}", super::STORE_PASSWORD_ENV),
+                        None => "none".into(),
+                    },
+                    p.ca_file
+                        .as_ref()
+                        .map_or_else(|| "web roots".into(), |f| f.display().to_string())
+                ),
+            }
+        );
         for l in &self.listeners {
             let _ = writeln!(
                 s,

@@ -29,11 +29,11 @@ pub use flow::{CallbackError, Flows};
 pub use http::{is_transient_status, TokenHttp};
 pub use status::{fix_command, format_relative, format_time, unix_now, Authorization, TokenStatus};
 pub use store::{
-    FileStore, Lease, PendingFlow, PendingFlows, Record, SaveError, StoreError, TokenStore,
-    Version, Versioned,
+    FileStore, Lease, PendingFlow, PendingFlows, PgStore, Record, SaveError, StoreError,
+    TokenStore, Version, Versioned,
 };
 
-use crate::config::{Account, Config, Grant};
+use crate::config::{Account, Config, Grant, StoreBackend};
 pub use crate::config::{KeySource, KEY_ENV};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -47,16 +47,31 @@ pub struct Stores {
     pub flows: Arc<dyn PendingFlows>,
 }
 
-/// Opens the configured store; call it once and share the result.
+/// Opens the configured store; call it once and share the result. The
+/// PostgreSQL store is connected and its tables migrated.
 ///
 /// # Errors
-/// When the store key can't be had.
-pub fn open_store(config: &Config) -> Result<Stores, StoreError> {
-    let file = Arc::new(FileStore::open(&config.state_dir, &config.store_key)?);
-    Ok(Stores {
-        tokens: file.clone(),
-        flows: file,
-    })
+/// When the store key can't be had, or the database can't be reached.
+pub async fn open_store(
+    config: &Config,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<Stores, StoreError> {
+    match &config.store {
+        StoreBackend::File => {
+            let file = Arc::new(FileStore::open(&config.state_dir, &config.store_key)?);
+            Ok(Stores {
+                tokens: file.clone(),
+                flows: file,
+            })
+        }
+        StoreBackend::Postgres(settings) => {
+            let pg = Arc::new(PgStore::open(settings, &config.store_key, metrics).await?);
+            Ok(Stores {
+                tokens: pg.clone(),
+                flows: pg,
+            })
+        }
+    }
 }
 
 /// The token status of `account` as `store` holds it.
@@ -94,6 +109,10 @@ fn lease_ttl(request_timeout: Duration) -> Duration {
     request_timeout * 2 + Duration::from_secs(10)
 }
 
+/// How much longer than a token request a lease must still hold for the
+/// request to be sent.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
 /// This process's name as a lease owner: the process id and a random tag.
 fn lease_owner() -> String {
     let mut tag = [0u8; 4];
@@ -129,6 +148,7 @@ pub struct Tokens {
     store: Arc<dyn TokenStore>,
     owner: String,
     lease_ttl: Duration,
+    request_timeout: Duration,
     refresh_margin: Duration,
     retry_backoff: Duration,
     notifier: Notifier,
@@ -161,6 +181,7 @@ impl Tokens {
             store,
             owner: lease_owner(),
             lease_ttl: lease_ttl(config.oauth.request_timeout),
+            request_timeout: config.oauth.request_timeout,
             refresh_margin: config.oauth.refresh_margin,
             retry_backoff: config.oauth.retry_backoff,
             accounts: config
@@ -251,7 +272,7 @@ impl Tokens {
         let lease = self.lease(&account.name).await?;
         let installed = async {
             self.sync(account, &mut state).await?;
-            self.store_granted(account, &mut state, granted, Instant::now())
+            self.store_granted(account, &mut state, granted, Instant::now(), &lease)
                 .await
         }
         .await;
@@ -277,7 +298,7 @@ impl Tokens {
                 return Ok(());
             }
             state.record.last_error = Some(why.to_owned());
-            self.save(&account.name, &mut state).await
+            self.save(&account.name, &mut state, None).await
         }
         .await;
         if let Err(e) = noted {
@@ -373,30 +394,50 @@ impl Tokens {
             .await?)
     }
 
-    /// Saves the state's record against the version it was loaded at.
-    async fn save(&self, name: &str, state: &mut AccountState) -> Result<(), TokenError> {
-        match self.compare_and_save(name, state).await {
+    /// Saves the state's record against the version it was loaded at,
+    /// fenced by `lease` when one is held.
+    async fn save(
+        &self,
+        name: &str,
+        state: &mut AccountState,
+        fence: Option<&Lease>,
+    ) -> Result<(), TokenError> {
+        match self.compare_and_save(name, state, fence).await {
             Ok(()) => Ok(()),
-            Err(SaveError::Conflict) => {
-                // Another writer got there first: its record stands, and
-                // ours is read again at the next use. Under the refresh
-                // lease only a writer without one (a tool) can cause this.
-                warn!(account = %name, "token record saved elsewhere meanwhile; this save was dropped");
-                state.loaded = false;
-                Err(TokenError::Transient(
-                    "another process saved this account's tokens meanwhile".into(),
-                ))
-            }
+            Err(e @ (SaveError::Conflict | SaveError::LeaseLost)) => Err(self.stale(name, state, &e)),
             Err(SaveError::Store(e)) => Err(e.into()),
         }
+    }
+
+    /// A save that was refused: another writer got there first, or our
+    /// lease ran out (this process stalled). Its record stands, ours is
+    /// dropped and counted, and the record is read again at the next use.
+    fn stale(&self, name: &str, state: &mut AccountState, why: &SaveError) -> TokenError {
+        let reason = match why {
+            SaveError::LeaseLost => "lease_lost",
+            _ => "conflict",
+        };
+        self.metrics
+            .stale_saves
+            .with_label_values(&[name, reason])
+            .inc();
+        warn!(account = %name, reason, "token record saved elsewhere meanwhile; this save was dropped");
+        state.loaded = false;
+        TokenError::Transient(format!(
+            "this save of the account's tokens was refused ({why}); another process's stands"
+        ))
     }
 
     async fn compare_and_save(
         &self,
         name: &str,
         state: &mut AccountState,
+        fence: Option<&Lease>,
     ) -> Result<(), SaveError> {
-        state.version = self.store.save(name, &state.record, state.version).await?;
+        state.version = self
+            .store
+            .save(name, &state.record, state.version, fence)
+            .await?;
         Ok(())
     }
 
@@ -412,7 +453,7 @@ impl Tokens {
         stale: Option<&Secret<String>>,
     ) -> Result<Secret<String>, TokenError> {
         let lease = self.lease(&account.name).await?;
-        let result = self.refresh_leased(account, state, stale).await;
+        let result = self.refresh_leased(account, state, stale, &lease).await;
         self.store.release(lease).await;
         result
     }
@@ -422,6 +463,7 @@ impl Tokens {
         account: &Account,
         state: &mut AccountState,
         stale: Option<&Secret<String>>,
+        lease: &Lease,
     ) -> Result<Secret<String>, TokenError> {
         // Under the lease the record is read afresh, whatever the change
         // check says: the refresh token must be the newest one.
@@ -430,8 +472,16 @@ impl Tokens {
         if let Some(token) = usable(state).filter(|t| Some(t) != stale) {
             return Ok(token);
         }
+        // The request is only sent while the lease surely outlasts it: a
+        // process that stalled since taking the lease may have lost it.
+        if !lease.holds_for(self.request_timeout + LEASE_MARGIN) {
+            return Err(TokenError::Transient(
+                "the refresh lease ran out before the token request could be sent (this process stalled)".into(),
+            ));
+        }
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
+        let used_version = state.version;
         let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -448,8 +498,18 @@ impl Tokens {
                 outcome,
             ])
             .inc();
+        let result = match result {
+            Err(TokenError::NeedsAuthorization(_)) => {
+                self.rotated_elsewhere(account, state, used_version, result)
+                    .await?
+            }
+            other => other,
+        };
         match result {
-            Ok(granted) => self.store_granted(account, state, granted, started).await,
+            Ok(granted) => {
+                self.store_granted(account, state, granted, started, lease)
+                    .await
+            }
             Err(e @ (TokenError::NeedsAuthorization(_) | TokenError::NotAuthorizedYet(_))) => {
                 let why = match &e {
                     TokenError::NeedsAuthorization(why) => why.clone(),
@@ -460,7 +520,7 @@ impl Tokens {
                 let first = state.record.needs_authorization.is_none();
                 state.record.needs_authorization = Some(why.clone());
                 state.record.last_error = Some(why.clone());
-                self.save(&account.name, state).await?;
+                self.save(&account.name, state, Some(lease)).await?;
                 warn!(
                     account = %account.name,
                     reason = %why,
@@ -475,7 +535,7 @@ impl Tokens {
             Err(e) => {
                 state.record.last_error = Some(e.to_string());
                 // Best effort: the error is what matters to the caller.
-                if let Err(store) = self.save(&account.name, state).await {
+                if let Err(store) = self.save(&account.name, state, Some(lease)).await {
                     warn!(account = %account.name, error = %store, "can't record the failure");
                 }
                 Err(e)
@@ -483,14 +543,43 @@ impl Tokens {
         }
     }
 
+    /// The provider refused the refresh token with `invalid_grant`. Before
+    /// the account is marked, the record is read again: another instance
+    /// may have rotated the token meanwhile (a holder whose lease we took
+    /// over when it stalled, say), and then the new one stands.
+    async fn rotated_elsewhere(
+        &self,
+        account: &Account,
+        state: &mut AccountState,
+        used_version: Version,
+        refused: Result<Granted, TokenError>,
+    ) -> Result<Result<Granted, TokenError>, TokenError> {
+        state.loaded = false;
+        self.sync(account, state).await?;
+        if state.version == used_version {
+            return Ok(refused);
+        }
+        info!(account = %account.name, "refresh token refused, but another instance saved new tokens meanwhile; using those");
+        Err(match usable(state) {
+            Some(_) => TokenError::Transient(
+                "another instance rotated the tokens during this refresh; retry".into(),
+            ),
+            None => TokenError::Transient(
+                "another instance saved this account's tokens during the refresh".into(),
+            ),
+        })
+    }
+
     /// Stores new tokens before anyone uses them: a rotated refresh token
-    /// is the only valid one from now on (RFC 6819 §5.2.2.3).
+    /// is the only valid one from now on (RFC 6819 §5.2.2.3). The save is
+    /// fenced by `lease`: a holder that lost it is a stale writer.
     async fn store_granted(
         &self,
         account: &Account,
         state: &mut AccountState,
         granted: Granted,
         started: Instant,
+        lease: &Lease,
     ) -> Result<Secret<String>, TokenError> {
         let now = unix_now();
         let apply = |record: &mut Record| {
@@ -508,18 +597,19 @@ impl Tokens {
             record.needs_authorization = None;
         };
         apply(&mut state.record);
-        match self.compare_and_save(&account.name, state).await {
+        match self.compare_and_save(&account.name, state, Some(lease)).await {
             Ok(()) => {}
-            // We hold the lease, so these tokens are the newest: a writer
-            // without it (a tool) got in between. Lay ours over what it
-            // wrote rather than lose a rotated refresh token.
+            // We still hold the lease, so these tokens are the newest: a
+            // writer without it (a tool) got in between. Lay ours over
+            // what it wrote rather than lose a rotated refresh token.
             Err(SaveError::Conflict) => {
                 warn!(account = %account.name, "token record saved elsewhere during the refresh; saving the new tokens over it");
                 state.loaded = false;
                 self.sync(account, state).await?;
                 apply(&mut state.record);
-                self.save(&account.name, state).await?;
+                self.save(&account.name, state, Some(lease)).await?;
             }
+            Err(e @ SaveError::LeaseLost) => return Err(self.stale(&account.name, state, &e)),
             Err(SaveError::Store(e)) => return Err(e.into()),
         }
         state.use_until = Some(started + self.usable(granted.lifetime));

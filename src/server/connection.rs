@@ -16,6 +16,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, Instrument as _};
 
 use super::outcome::{ErrorKind, LoginError};
+use super::proxy_header;
 use super::relay::{self, Activity, Counts, RelayError, SessionEnd, Side};
 use super::stream::{ClientStream, ReadAhead, Stream, TlsTcp};
 use super::upstream::LoggedIn;
@@ -42,6 +43,10 @@ enum Closed {
     Logout,
     #[error("session state error: {0}")]
     Internal(&'static str),
+    #[error("{0}")]
+    ProxyHeader(#[from] proxy_header::HeaderError),
+    #[error("a PROXY protocol header from an address that is not a trusted balancer")]
+    UntrustedProxyHeader,
 }
 
 impl Closed {
@@ -66,6 +71,7 @@ impl Closed {
             Self::Shutdown => ErrorKind::Shutdown,
             Self::Logout => ErrorKind::None,
             Self::Internal(_) => ErrorKind::Internal,
+            Self::ProxyHeader(_) | Self::UntrustedProxyHeader => ErrorKind::ProxyHeader,
         }
     }
 }
@@ -94,6 +100,8 @@ pub struct Listener {
     pub tls: ListenerTls,
     /// The `listener` metric label: the bound address.
     pub label: Arc<str>,
+    /// Balancers that send a PROXY protocol header first.
+    pub proxy_from: Arc<[ipnet::IpNet]>,
 }
 
 /// Serves one accepted connection on a listener, holding `permit` (its
@@ -104,8 +112,8 @@ pub struct Listener {
 /// awaited), which doubled each session's task allocation.
 pub async fn serve(
     gateway: Arc<Gateway>,
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
     listener: Listener,
     shutdown: watch::Receiver<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -114,7 +122,24 @@ pub async fn serve(
         protocol,
         tls,
         label,
+        proxy_from,
     } = listener;
+    // Behind a trusted balancer the client is who its PROXY header says;
+    // anyone else who sends one is refused.
+    let balancer = peer;
+    let trusted = proxy_from.iter().any(|n| n.contains(&peer.ip()));
+    let header = if trusted {
+        proxy_header::read(&mut tcp, gateway.limits().proxy_header_timeout)
+            .await
+            .map(|client| {
+                if let Some(client) = client {
+                    peer = client;
+                }
+            })
+    } else {
+        Ok(())
+    };
+    let refuse_headers = !proxy_from.is_empty() && !trusted;
     let labels = [protocol.name, &*label];
     gateway
         .metrics
@@ -126,7 +151,11 @@ pub async fn serve(
         .connections_active
         .with_label_values(&labels);
     active.inc();
-    let span = tracing::info_span!("conn", %peer, protocol = protocol.name, listener = &*label);
+    let span = if trusted {
+        tracing::info_span!("conn", %peer, via = %balancer, protocol = protocol.name, listener = &*label)
+    } else {
+        tracing::info_span!("conn", %peer, protocol = protocol.name, listener = &*label)
+    };
     async move {
         let started = Instant::now();
         let connection = Connection {
@@ -135,7 +164,14 @@ pub async fn serve(
             shutdown,
         };
         let session = (protocol.new_session)(gateway.session_options(protocol, tls));
-        let result = connection.run(tcp, tls, session).await;
+        let result = match header {
+            Ok(()) => {
+                connection
+                    .run(tcp, peer.ip(), tls, refuse_headers, session)
+                    .await
+            }
+            Err(e) => Err(Refused::from(Closed::from(e))),
+        };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // One summary event per connection.
         let kind = match result {
@@ -213,17 +249,29 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
+    /// `address` is the client's (from the PROXY header behind a
+    /// balancer); with `refuse_headers`, a connection that starts with a
+    /// PROXY header is closed.
     async fn run(
         mut self,
         tcp: TcpStream,
+        address: std::net::IpAddr,
         tls: ListenerTls,
+        refuse_headers: bool,
         mut session: Box<dyn ClientSession + Send>,
     ) -> Result<Relayed, Refused> {
         let limits = self.gateway.limits();
         let _ = tcp.set_nodelay(true);
-        let address = tcp
-            .peer_addr()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        // The client speaks first under implicit TLS: look before the
+        // handshake. Otherwise the first bytes read are checked below.
+        if refuse_headers && tls == ListenerTls::Implicit {
+            let mut first = [0u8; 12];
+            if let Ok(Ok(n)) = timeout(limits.tls_handshake_timeout, tcp.peek(&mut first)).await {
+                if proxy_header::is_header(&first[..n]) {
+                    return Err(Closed::UntrustedProxyHeader.into());
+                }
+            }
+        }
         let pre_login = self.gateway.admission.enter(address);
         if pre_login.is_none() {
             session.too_busy();
@@ -246,6 +294,7 @@ impl Connection<'_> {
             address,
             pre_login,
             &mut login_failure,
+            refuse_headers && tls != ListenerTls::Implicit,
         ))
         .await;
         let refused = |closed| Refused {
@@ -278,6 +327,7 @@ impl Connection<'_> {
         address: std::net::IpAddr,
         mut pre_login: Option<super::admission::PreLogin>,
         login_failure: &mut Option<ErrorKind>,
+        mut refuse_headers: bool,
     ) -> Result<(String, LoggedIn, bytes::Bytes), Closed> {
         let mut buf = BytesMut::with_capacity(4096);
         let mut upstream: Option<(String, LoggedIn)> = None;
@@ -359,7 +409,13 @@ impl Connection<'_> {
             };
             match read {
                 Ok(0) => return Err(Closed::ClientGone),
-                Ok(_) => session.feed(&buf),
+                Ok(_) if refuse_headers && proxy_header::is_header(&buf) => {
+                    return Err(Closed::UntrustedProxyHeader)
+                }
+                Ok(_) => {
+                    refuse_headers = false;
+                    session.feed(&buf);
+                }
                 Err(e) => return Err(Closed::from_read(e)),
             }
         }

@@ -5,6 +5,7 @@ pub mod admission;
 mod connection;
 pub mod outcome;
 pub mod probe;
+pub mod proxy_header;
 pub mod relay;
 pub mod spare;
 mod stream;
@@ -477,6 +478,7 @@ pub async fn accept_loop(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let Bound { listener, config } = bound;
+    let proxy_from: Arc<[ipnet::IpNet]> = config.proxy_protocol_from.clone().into();
     let label: Arc<str> = listener
         .local_addr()
         .map_or_else(|_| config.address.to_string(), |a| a.to_string())
@@ -512,6 +514,7 @@ pub async fn accept_loop(
                 protocol: config.protocol,
                 tls: config.tls,
                 label: label.clone(),
+                proxy_from: proxy_from.clone(),
             },
             shutdown.clone(),
             permit,

@@ -70,6 +70,9 @@ pub enum ErrorKind {
     SessionLimit,
     /// A read or write on the upstream connection failed while relaying.
     UpstreamIo,
+    /// No valid PROXY protocol header from a trusted balancer, or one
+    /// from an address that is not trusted.
+    ProxyHeader,
     /// A bug: the session asked for something out of order.
     Internal,
 }
@@ -104,6 +107,7 @@ impl ErrorKind {
             Self::MailboxInUse => ("mailbox_in_use", Blame::Upstream),
             Self::SessionLimit => ("session_limit", Blame::Upstream),
             Self::UpstreamIo => ("upstream_io", Blame::Upstream),
+            Self::ProxyHeader => ("proxy_header", Blame::Client),
             Self::Internal => ("internal", Blame::Local),
         }
     }
@@ -138,6 +142,7 @@ mod tests {
             ErrorKind::IdleTimeout,
             ErrorKind::Shutdown,
             ErrorKind::BadCredentials,
+            ErrorKind::ProxyHeader,
             ErrorKind::NeedsAuthorization,
             ErrorKind::TokenUnavailable,
             ErrorKind::TokenStore,

@@ -25,15 +25,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
-use ring::rand::{SecureRandom as _, SystemRandom};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::key::{load_or_create_key, parse_key};
+use super::key::{Sealed, Sealer};
 use super::{
     Lease, PendingFlow, PendingFlows, Record, SaveError, StoreError, TokenStore, Version, Versioned,
 };
-use crate::config::{KeySource, KEY_ENV};
+use crate::config::KeySource;
 
 /// A record file's inode and modification time.
 type Stamp = (u64, Option<SystemTime>);
@@ -45,18 +43,6 @@ fn error(path: &Path, message: impl ToString) -> StoreError {
     }
 }
 
-/// A record as sealed in its file: the version beside the record's own
-/// fields (files written before versions read as version 0).
-#[derive(Serialize, Deserialize)]
-struct Sealed<T> {
-    #[serde(default)]
-    version: u64,
-    #[serde(flatten)]
-    value: T,
-}
-
-/// A file header: format and version.
-const MAGIC: &[u8; 4] = b"MGT1";
 /// How long a writer waits for another process's lock before giving up.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,8 +55,7 @@ pub struct FileStore {
 
 struct Inner {
     dir: PathBuf,
-    key: LessSafeKey,
-    rng: SystemRandom,
+    sealer: Sealer,
     lock_timeout: Duration,
     /// Per account: the file's stamp and the version last read or written
     /// here, for [`TokenStore::changed`].
@@ -92,22 +77,9 @@ impl FileStore {
     /// # Errors
     /// When the key can't be read, created or parsed.
     pub fn open(state_dir: &Path, key: &KeySource) -> Result<Self, StoreError> {
-        let dir = state_dir.join("tokens");
-        let bytes = match key {
-            KeySource::Hex(hex) => parse_key(hex.expose()).ok_or_else(|| {
-                error(
-                    Path::new(KEY_ENV),
-                    "must be 64 hexadecimal digits (32 bytes)",
-                )
-            })?,
-            KeySource::File(path) => load_or_create_key(path)?,
-        };
-        let key =
-            UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| error(&dir, "bad key"))?;
         Ok(Self::from_inner(Inner {
-            dir,
-            key: LessSafeKey::new(key),
-            rng: SystemRandom::new(),
+            dir: state_dir.join("tokens"),
+            sealer: Sealer::new(key)?,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             seen: Mutex::default(),
         }))
@@ -190,7 +162,9 @@ impl FileStore {
         match self.write(account, record, None) {
             Ok(_) => Ok(()),
             Err(SaveError::Store(e)) => Err(e),
-            Err(SaveError::Conflict) => Err(error(&self.path(account), "conflict")),
+            Err(SaveError::Conflict | SaveError::LeaseLost) => {
+                Err(error(&self.path(account), "conflict"))
+            }
         }
     }
 
@@ -248,52 +222,29 @@ impl FileStore {
     /// Any value stored under `name`, decrypted.
     fn unseal<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
         let path = self.path(name);
-        let account = name;
-        let mut bytes = match std::fs::read(&path) {
+        let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(error(&path, e)),
         };
-        let damaged = |why: &str| {
+        self.inner.sealer.open(name, bytes).map(Some).map_err(|why| {
             error(
                 &path,
                 format!("damaged or encrypted under another key ({why}); it was left as it is"),
             )
-        };
-        if bytes.len() < MAGIC.len() + NONCE_LEN || !bytes.starts_with(MAGIC) {
-            return Err(damaged("no mailgate header"));
-        }
-        let (nonce, sealed) = bytes[MAGIC.len()..].split_at_mut(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| damaged("nonce"))?;
-        let plain = self
-            .inner
-            .key
-            .open_in_place(nonce, Aad::from(account.as_bytes()), sealed)
-            .map_err(|_| damaged("authentication failed"))?;
-        let record = serde_json::from_slice(plain).map_err(|e| damaged(&format!("json: {e}")))?;
-        Ok(Some(record))
+        })
     }
 
     /// Stores any value under `name`, atomically and encrypted.
     fn seal<T: Serialize>(&self, name: &str, record: &T) -> Result<(), StoreError> {
-        let account = name;
-        let path = self.path(account);
+        let path = self.path(name);
         self.create_dir()?;
-        let mut sealed = serde_json::to_vec(record).map_err(|e| error(&path, e))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        self.inner
-            .rng
-            .fill(&mut nonce)
-            .map_err(|_| error(&path, "no randomness"))?;
-        self.inner
-            .key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(account.as_bytes()),
-                &mut sealed,
-            )
-            .map_err(|_| error(&path, "encryption failed"))?;
-        let tmp = self.inner.dir.join(format!(".{account}.token.tmp"));
+        let sealed = self
+            .inner
+            .sealer
+            .seal(name, record)
+            .map_err(|why| error(&path, why))?;
+        let tmp = self.inner.dir.join(format!(".{name}.token.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -301,8 +252,6 @@ impl FileStore {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(MAGIC)?;
-            f.write_all(&nonce)?;
             f.write_all(&sealed)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -387,6 +336,8 @@ impl TokenStore for FileStore {
         account: &str,
         record: &Record,
         expected: Version,
+        // The lease is a lock that can't expire while its holder lives.
+        _fence: Option<&Lease>,
     ) -> Result<Version, SaveError> {
         let (account, record) = (account.to_owned(), record.clone());
         let store = self.clone();
@@ -419,6 +370,10 @@ impl TokenStore for FileStore {
             .get(account)
             .copied();
         remembered != Some((self.stamp(account), seen))
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        Ok(format!("files in {}", self.inner.dir.display()))
     }
 }
 

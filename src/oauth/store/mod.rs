@@ -8,17 +8,19 @@
 //!   state), until the browser comes back, possibly to another process.
 //!
 //! [`file::FileStore`] is the embedded backend, one encrypted file per
-//! account. A backend shared by several gateways implements the same two
-//! traits.
+//! account. [`postgres::PgStore`] is shared by several gateways; it
+//! implements the same two traits.
 
 pub mod file;
 mod key;
+pub mod postgres;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 pub use file::FileStore;
+pub use postgres::PgStore;
 
 /// A store failure, naming where (a file, a table).
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,10 @@ pub enum SaveError {
     /// written.
     #[error("a newer record was saved meanwhile")]
     Conflict,
+    /// The save was fenced by a lease that has expired or passed to
+    /// another owner: a stale writer. Nothing was written.
+    #[error("the refresh lease was lost before the save")]
+    LeaseLost,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -60,9 +66,16 @@ pub struct Lease {
     /// Bumped at each grant of the lease, so that a stale holder can be
     /// told apart (0 where the backend has no epochs).
     pub epoch: u64,
-    /// Until when the lease holds without renewal; `None` while the
-    /// holder lives (a lock the kernel drops with the process).
+    /// How long the lease holds from `granted_at`, by the store's clock;
+    /// `None` while the holder lives (a lock the kernel drops with the
+    /// process).
     pub expires_in: Option<Duration>,
+    /// This process's instant just before the lease was asked for: the
+    /// store's expiry is no earlier than `granted_at + expires_in`.
+    pub granted_at: Instant,
+    /// The previous holder's lease had expired without a release: it died,
+    /// or stalled.
+    pub took_over: bool,
     /// What the backend keeps for the lease's lifetime (a locked file).
     guard: Option<Box<dyn Send + Sync>>,
 }
@@ -75,8 +88,39 @@ impl Lease {
             owner: owner.to_owned(),
             epoch,
             expires_in: None,
+            granted_at: Instant::now(),
+            took_over: false,
             guard: Some(guard),
         }
+    }
+
+    /// A lease that the store expires by itself `ttl` after `granted_at`.
+    pub fn expiring(
+        account: &str,
+        owner: &str,
+        epoch: u64,
+        granted_at: Instant,
+        ttl: Duration,
+        took_over: bool,
+    ) -> Self {
+        Self {
+            account: account.to_owned(),
+            owner: owner.to_owned(),
+            epoch,
+            expires_in: Some(ttl),
+            granted_at,
+            took_over,
+            guard: None,
+        }
+    }
+
+    /// Whether the lease surely holds for `needed` more: a token request
+    /// is only sent when it ends inside the lease.
+    pub fn holds_for(&self, needed: Duration) -> bool {
+        self.expires_in.is_none_or(|ttl| {
+            ttl.checked_sub(self.granted_at.elapsed())
+                .is_some_and(|left| left > needed)
+        })
     }
 }
 
@@ -87,6 +131,7 @@ impl std::fmt::Debug for Lease {
             .field("owner", &self.owner)
             .field("epoch", &self.epoch)
             .field("expires_in", &self.expires_in)
+            .field("took_over", &self.took_over)
             .field("guarded", &self.guard.is_some())
             .finish()
     }
@@ -101,17 +146,19 @@ pub trait TokenStore: Send + Sync {
     /// When the record exists but can't be read or opened.
     async fn load(&self, account: &str) -> Result<Option<Versioned>, StoreError>;
 
-    /// Saves `record` if the stored version is still `expected`; returns
-    /// the new version.
+    /// Saves `record` if the stored version is still `expected` and, with
+    /// `fence`, while that lease still holds; returns the new version.
     ///
     /// # Errors
-    /// [`SaveError::Conflict`] when another writer saved since; a store
+    /// [`SaveError::Conflict`] when another writer saved since,
+    /// [`SaveError::LeaseLost`] when the fence no longer holds; a store
     /// error when it can't be written (the old record is kept).
     async fn save(
         &self,
         account: &str,
         record: &Record,
         expected: Version,
+        fence: Option<&Lease>,
     ) -> Result<Version, SaveError>;
 
     /// Takes the refresh lease of `account` for `owner`, waiting a bounded
@@ -126,8 +173,16 @@ pub trait TokenStore: Send + Sync {
     async fn release(&self, lease: Lease);
 
     /// Whether another writer may have saved `account` since the version
-    /// seen; cheap enough to ask before every use of a cached token.
+    /// seen; cheap enough to ask before every use of a cached token (it
+    /// never waits for the store).
     fn changed(&self, account: &str, seen: Version) -> bool;
+
+    /// What the store is and whether it is reachable, for `check-config`
+    /// and `/readyz`: a description, or why it can't be used now.
+    ///
+    /// # Errors
+    /// When the store can't be reached.
+    async fn check(&self) -> Result<String, StoreError>;
 }
 
 /// Started authorization flows, by an opaque key.

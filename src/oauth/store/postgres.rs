@@ -1,0 +1,653 @@
+//! The shared token store: PostgreSQL, for several gateways behind a load
+//! balancer.
+//!
+//! - **Tables:** `mailgate_tokens` (a sealed record and its version per
+//!   account), `mailgate_leases` (the refresh lease per account) and
+//!   `mailgate_flows` (pending authorization flows), and
+//!   `mailgate_schema`, the schema version. [`PgStore::open`] creates and
+//!   migrates them under an advisory lock, so instances may start at once.
+//! - **Sealing:** the same AEAD, key and bytes as the file store, with the
+//!   account name as associated data and the version inside the
+//!   ciphertext: the database and its backups only ever hold ciphertext,
+//!   and a row can't be moved to another account or rolled back unseen.
+//! - **Leases:** timed by the database's clock (`now()`), with an owner and
+//!   an epoch bumped at each grant. One statement takes a lease that is
+//!   free, released or expired; a save can be fenced by it, and a fenced
+//!   save after the lease expired is refused ([`SaveError::LeaseLost`]).
+//! - **Changes:** each instance polls the versions (one small query every
+//!   `poll_interval`), so [`TokenStore::changed`] answers from memory: a
+//!   login with a cached token never waits for the database.
+//! - **Connection:** one connection, TLS always on and verified, opened
+//!   again after it breaks; while it can't be, every call fails at once
+//!   with the last error instead of waiting for another connect timeout.
+//!   Every statement is a single statement, so callers share the
+//!   connection without transactions (the migration has its own).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::{info, warn};
+
+use super::key::{Sealed, Sealer};
+use super::{
+    Lease, PendingFlow, PendingFlows, Record, SaveError, StoreError, TokenStore, Version, Versioned,
+};
+use crate::config::{KeySource, PasswordSource, PostgresSettings};
+use crate::metrics::Metrics;
+
+/// The schema, one step per version; step N takes version N-1 to N.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE mailgate_tokens (
+        account text PRIMARY KEY,
+        version bigint NOT NULL,
+        sealed bytea NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE mailgate_leases (
+        account text PRIMARY KEY,
+        owner text NOT NULL,
+        epoch bigint NOT NULL,
+        expires_at timestamptz NOT NULL,
+        released boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE mailgate_flows (
+        key text PRIMARY KEY,
+        sealed bytea NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+"];
+
+/// The schema version this mailgate writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Any 64-bit number, the same in every instance: the advisory lock that
+/// serializes migrations.
+const MIGRATION_LOCK: i64 = 0x6d61_696c_6761_7465; // "mailgate"
+
+/// After a failed connect, calls fail at once with its error for this long.
+const RECONNECT_AFTER: Duration = Duration::from_millis(500);
+
+/// How often a lease wait asks again.
+const LEASE_RETRY: Duration = Duration::from_millis(50);
+
+/// Takes a free, released or expired lease (or renews our own), in one
+/// statement. `took_over` says the previous holder's lease expired
+/// unreleased. No row: another owner holds it.
+const TAKE_LEASE: &str = "
+    WITH prev AS (
+        SELECT owner, released, expires_at FROM mailgate_leases WHERE account = $1
+    )
+    INSERT INTO mailgate_leases AS l (account, owner, epoch, expires_at, released)
+    VALUES ($1, $2, 1, now() + make_interval(secs => $3), false)
+    ON CONFLICT (account) DO UPDATE
+        SET owner = EXCLUDED.owner, epoch = l.epoch + 1,
+            expires_at = EXCLUDED.expires_at, released = false
+        WHERE l.released OR l.expires_at <= now() OR l.owner = EXCLUDED.owner
+    RETURNING l.epoch,
+        COALESCE((SELECT NOT released AND expires_at <= now() AND owner <> $2 FROM prev), false)";
+
+/// Whether the lease (account $1, owner $2, epoch $3) still holds.
+const LEASE_HOLDS: &str = "EXISTS (SELECT 1 FROM mailgate_leases
+    WHERE account = $1::text AND owner = $2::text AND epoch = $3::bigint
+        AND NOT released AND expires_at > now())";
+
+/// The PostgreSQL token store. Cloning shares it.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: PostgresSettings,
+    pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    /// "postgres HOST:PORT/DB", for errors and logs.
+    place: String,
+    sealer: Sealer,
+    conn: Mutex<Conn>,
+    /// The newest version seen of each account, by the poll or our own
+    /// loads and saves.
+    versions: StdMutex<HashMap<String, Version>>,
+    /// The poll's last error, if the last poll failed.
+    health: StdMutex<Option<String>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+#[derive(Default)]
+struct Conn {
+    client: Option<Arc<Client>>,
+    failed: Option<(Instant, String)>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("place", &self.inner.place)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the tables, and starts the poll of
+    /// versions (stopped when the last clone is dropped).
+    ///
+    /// # Errors
+    /// When the key, the CA file or the database can't be had, or the
+    /// database's schema is newer than this mailgate's.
+    pub async fn open(
+        settings: &PostgresSettings,
+        key: &KeySource,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, StoreError> {
+        let store = Self::connector(settings, key, metrics)?;
+        store.migrate().await?;
+        let weak = Arc::downgrade(&store.inner);
+        tokio::spawn(poll(weak, settings.poll_interval));
+        Ok(store)
+    }
+
+    /// The store without touching the database: for `check-config`, which
+    /// only reads the schema version ([`PgStore::schema_version`]).
+    ///
+    /// # Errors
+    /// When the key or the CA file can't be had.
+    pub fn connector(
+        settings: &PostgresSettings,
+        key: &KeySource,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, StoreError> {
+        let mut pg: tokio_postgres::Config = settings.url.parse().map_err(|e| StoreError {
+            place: "store.url".into(),
+            message: format!("{e}"),
+        })?;
+        pg.ssl_mode(tokio_postgres::config::SslMode::Require)
+            .connect_timeout(settings.connect_timeout)
+            .application_name("mailgate");
+        let place = format!(
+            "postgres {}/{}",
+            pg.get_hosts()
+                .iter()
+                .zip(pg.get_ports().iter().chain(std::iter::repeat(&5432)))
+                .map(|(h, p)| match h {
+                    tokio_postgres::config::Host::Tcp(h) => format!("{h}:{p}"),
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            pg.get_dbname().unwrap_or_default()
+        );
+        let tls = crate::tls::client(settings.ca_file.as_deref()).map_err(|e| StoreError {
+            place: "store.ca_file".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings: settings.clone(),
+                pg,
+                tls: MakeRustlsConnect::new((*tls).clone()),
+                sealer: Sealer::new(key)?,
+                place,
+                conn: Mutex::default(),
+                versions: StdMutex::default(),
+                health: StdMutex::default(),
+                metrics,
+            }),
+        })
+    }
+
+    fn error(&self, operation: &'static str, message: impl std::fmt::Display) -> StoreError {
+        if let Some(m) = &self.inner.metrics {
+            m.store_errors
+                .with_label_values(&["postgres", operation])
+                .inc();
+        }
+        StoreError {
+            place: self.inner.place.clone(),
+            message: format!("{operation}: {message}"),
+        }
+    }
+
+    async fn config_with_password(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut pg = self.inner.pg.clone();
+        match &self.inner.settings.password {
+            Some(PasswordSource::File(path)) => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|e| StoreError {
+                    place: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                pg.password(text.trim_end_matches(['\r', '\n']));
+            }
+            Some(PasswordSource::Env(secret)) => {
+                pg.password(secret.expose().as_str());
+            }
+            None => {}
+        }
+        Ok(pg)
+    }
+
+    /// A new connection of its own, its driver spawned.
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let pg = self.config_with_password().await?;
+        let timeout = self.inner.settings.connect_timeout;
+        let connected = tokio::time::timeout(timeout, pg.connect(self.inner.tls.clone()))
+            .await
+            .map_err(|_| self.error("connect", format!("timed out after {timeout:?}")))?;
+        let (client, connection) = connected.map_err(|e| self.error("connect", e))?;
+        let place = self.inner.place.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                warn!(store = %place, error = %e, "token store connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The shared connection, opened again when it broke.
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut conn = self.inner.conn.lock().await;
+        if let Some(c) = conn.client.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        conn.client = None;
+        if let Some((at, why)) = &conn.failed {
+            if at.elapsed() < RECONNECT_AFTER {
+                return Err(StoreError {
+                    place: self.inner.place.clone(),
+                    message: why.clone(),
+                });
+            }
+        }
+        match self.connect().await {
+            Ok(client) => {
+                if conn.failed.take().is_some() {
+                    info!(store = %self.inner.place, "token store reachable again");
+                }
+                let client = Arc::new(client);
+                conn.client = Some(client.clone());
+                Ok(client)
+            }
+            Err(e) => {
+                conn.failed = Some((Instant::now(), e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The schema version in the database (0: no tables yet).
+    ///
+    /// # Errors
+    /// When the database can't be reached or read.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let client = self.client().await?;
+        let exists = client
+            .query_one("SELECT to_regclass('mailgate_schema') IS NOT NULL", &[])
+            .await
+            .map_err(|e| self.error("check", e))?;
+        if !exists.get::<_, bool>(0) {
+            return Ok(0);
+        }
+        let row = client
+            .query_one("SELECT version FROM mailgate_schema", &[])
+            .await
+            .map_err(|e| self.error("check", e))?;
+        Ok(row.get(0))
+    }
+
+    /// Creates or migrates the tables, once across every instance.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.connect().await?;
+        let fail = |e: tokio_postgres::Error| self.error("migrate", e);
+        let tx = client.transaction().await.map_err(fail)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(fail)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS mailgate_schema (version integer NOT NULL);
+             INSERT INTO mailgate_schema (version)
+                 SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM mailgate_schema);",
+        )
+        .await
+        .map_err(fail)?;
+        let current: i32 = tx
+            .query_one("SELECT version FROM mailgate_schema", &[])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if current > SCHEMA_VERSION {
+            return Err(self.error(
+                "migrate",
+                format!(
+                    "the database's schema is version {current}, newer than this mailgate's ({SCHEMA_VERSION}): upgrade mailgate"
+                ),
+            ));
+        }
+        let from = usize::try_from(current).unwrap_or(0);
+        for step in MIGRATIONS.iter().skip(from) {
+            tx.batch_execute(step).await.map_err(fail)?;
+        }
+        tx.execute("UPDATE mailgate_schema SET version = $1", &[&SCHEMA_VERSION])
+            .await
+            .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        if from < MIGRATIONS.len() {
+            info!(store = %self.inner.place, from = current, to = SCHEMA_VERSION, "token store schema migrated");
+        }
+        Ok(())
+    }
+
+    fn note_version(&self, account: &str, version: Version) {
+        let mut versions = self
+            .inner
+            .versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let seen = versions.entry(account.to_owned()).or_default();
+        *seen = (*seen).max(version);
+    }
+
+    /// The newest version each account has in the database.
+    async fn poll_once(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT account, version FROM mailgate_tokens", &[])
+            .await
+            .map_err(|e| self.error("poll", e))?;
+        for row in rows {
+            let (account, version): (String, i64) = (row.get(0), row.get(1));
+            self.note_version(&account, Version(u64::try_from(version).unwrap_or(0)));
+        }
+        Ok(())
+    }
+
+    /// The sealed record of `account`, whatever its version, for `store
+    /// copy`: the bytes as stored and the version.
+    ///
+    /// # Errors
+    /// When the database can't be read.
+    pub async fn load_sealed(&self, account: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT sealed, version FROM mailgate_tokens WHERE account = $1",
+                &[&account],
+            )
+            .await
+            .map_err(|e| self.error("load", e))?;
+        Ok(row.map(|r| {
+            let version: i64 = r.get(1);
+            (r.get(0), u64::try_from(version).unwrap_or(0))
+        }))
+    }
+
+    fn version_param(version: Version) -> Result<i64, SaveError> {
+        i64::try_from(version.0).map_err(|_| {
+            SaveError::Store(StoreError {
+                place: "token store".into(),
+                message: "version out of range".into(),
+            })
+        })
+    }
+}
+
+/// Polls the versions until the store is dropped.
+async fn poll(store: Weak<Inner>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        let store = PgStore { inner };
+        let outcome = store.poll_once().await.err().map(|e| e.to_string());
+        let mut health = store
+            .inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if outcome.is_some() && health.is_none() {
+            warn!(store = %store.inner.place, error = outcome.as_deref().unwrap_or(""), "token store unreachable; cached access tokens keep serving logins");
+        }
+        *health = outcome;
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenStore for PgStore {
+    async fn load(&self, account: &str) -> Result<Option<Versioned>, StoreError> {
+        let Some((sealed, version)) = self.load_sealed(account).await? else {
+            return Ok(None);
+        };
+        let opened: Sealed<Record> = self.inner.sealer.open(account, sealed).map_err(|why| {
+            self.error(
+                "load",
+                format!("the record of {account} is damaged or sealed under another key ({why})"),
+            )
+        })?;
+        if opened.version != version {
+            return Err(self.error(
+                "load",
+                format!(
+                    "the record of {account} says version {} but its row {version}: it was altered outside mailgate",
+                    opened.version
+                ),
+            ));
+        }
+        self.note_version(account, Version(version));
+        Ok(Some(Versioned {
+            record: opened.value,
+            version: Version(version),
+        }))
+    }
+
+    async fn save(
+        &self,
+        account: &str,
+        record: &Record,
+        expected: Version,
+        fence: Option<&Lease>,
+    ) -> Result<Version, SaveError> {
+        let next = Version(expected.0 + 1);
+        let sealed = self
+            .inner
+            .sealer
+            .seal(
+                account,
+                &Sealed {
+                    version: next.0,
+                    value: record,
+                },
+            )
+            .map_err(|why| self.error("save", why))?;
+        let (expected_p, next_p) = (Self::version_param(expected)?, Self::version_param(next)?);
+        let (owner, epoch) = match fence {
+            Some(l) => (Some(l.owner.as_str()), Self::version_param(Version(l.epoch))?),
+            None => (None, 0),
+        };
+        // $1 account, $2 owner, $3 epoch, $4 expected, $5 next, $6 sealed.
+        let fenced = format!("($2::text IS NULL OR {LEASE_HOLDS})");
+        let sql = if expected.0 == 0 {
+            format!(
+                "INSERT INTO mailgate_tokens (account, version, sealed)
+                 SELECT $1::text, $5::bigint, $6::bytea WHERE $4::bigint = 0 AND {fenced}
+                 ON CONFLICT (account) DO NOTHING"
+            )
+        } else {
+            format!(
+                "UPDATE mailgate_tokens SET version = $5, sealed = $6, updated_at = now()
+                 WHERE account = $1 AND version = $4::bigint AND {fenced}"
+            )
+        };
+        let client = self.client().await?;
+        let written = client
+            .execute(
+                &sql,
+                &[&account, &owner, &epoch, &expected_p, &next_p, &sealed],
+            )
+            .await
+            .map_err(|e| self.error("save", e))?;
+        if written == 1 {
+            self.note_version(account, next);
+            return Ok(next);
+        }
+        if fence.is_some() {
+            let holds: bool = client
+                .query_one(&format!("SELECT {LEASE_HOLDS}"), &[&account, &owner, &epoch])
+                .await
+                .map_err(|e| self.error("save", e))?
+                .get(0);
+            if !holds {
+                return Err(SaveError::LeaseLost);
+            }
+        }
+        Err(SaveError::Conflict)
+    }
+
+    async fn lease(&self, account: &str, owner: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        // Long enough for a dead holder's lease to run out, and then some.
+        let deadline = Instant::now() + ttl + Duration::from_secs(2);
+        loop {
+            let client = self.client().await?;
+            let granted_at = Instant::now();
+            let row = client
+                .query_opt(TAKE_LEASE, &[&account, &owner, &ttl.as_secs_f64()])
+                .await
+                .map_err(|e| self.error("lease", e))?;
+            if let Some(row) = row {
+                let (epoch, took_over): (i64, bool) = (row.get(0), row.get(1));
+                if took_over {
+                    if let Some(m) = &self.inner.metrics {
+                        m.lease_takeovers.with_label_values(&[account]).inc();
+                    }
+                    warn!(account, "took over a refresh lease that expired unreleased (its holder died or stalled)");
+                }
+                return Ok(Lease::expiring(
+                    account,
+                    owner,
+                    u64::try_from(epoch).unwrap_or(0),
+                    granted_at,
+                    ttl,
+                    took_over,
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.error(
+                    "lease",
+                    format!("another instance held the refresh lease of {account} for longer than {ttl:?}"),
+                ));
+            }
+            tokio::time::sleep(LEASE_RETRY).await;
+        }
+    }
+
+    async fn release(&self, lease: Lease) {
+        let Ok(epoch) = i64::try_from(lease.epoch) else {
+            return;
+        };
+        let released = async {
+            self.client()
+                .await?
+                .execute(
+                    "UPDATE mailgate_leases SET released = true
+                     WHERE account = $1 AND owner = $2 AND epoch = $3",
+                    &[&lease.account, &lease.owner, &epoch],
+                )
+                .await
+                .map_err(|e| self.error("release", e))
+        }
+        .await;
+        // Not fatal: the lease runs out by itself.
+        if let Err(e) = released {
+            warn!(account = %lease.account, error = %e, "can't release the refresh lease; it expires by itself");
+        }
+    }
+
+    fn changed(&self, account: &str, seen: Version) -> bool {
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(account)
+            .is_some_and(|v| *v != seen)
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        if let Some(why) = self
+            .inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Err(StoreError {
+                place: self.inner.place.clone(),
+                message: why,
+            });
+        }
+        let version = self.schema_version().await?;
+        Ok(format!("{}, schema version {version}", self.inner.place))
+    }
+}
+
+/// Flows are rows keyed by the flow's key, sealed under `.pending-KEY`
+/// (the file store's name for them).
+#[async_trait::async_trait]
+impl PendingFlows for PgStore {
+    async fn put(&self, key: &str, flow: &PendingFlow) -> Result<(), StoreError> {
+        let sealed = self
+            .inner
+            .sealer
+            .seal(&format!(".pending-{key}"), flow)
+            .map_err(|why| self.error("put flow", why))?;
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO mailgate_flows (key, sealed) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET sealed = EXCLUDED.sealed",
+                &[&key, &sealed],
+            )
+            .await
+            .map_err(|e| self.error("put flow", e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<PendingFlow>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT sealed FROM mailgate_flows WHERE key = $1", &[&key])
+            .await
+            .map_err(|e| self.error("get flow", e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        self.inner
+            .sealer
+            .open(&format!(".pending-{key}"), row.get(0))
+            .map(Some)
+            .map_err(|why| self.error("get flow", format!("damaged ({why})")))
+    }
+
+    async fn remove(&self, key: &str) {
+        if let Ok(client) = self.client().await {
+            let _ = client
+                .execute("DELETE FROM mailgate_flows WHERE key = $1", &[&key])
+                .await;
+        }
+    }
+
+    async fn sweep(&self, age: Duration) {
+        if let Ok(client) = self.client().await {
+            let _ = client
+                .execute(
+                    "DELETE FROM mailgate_flows WHERE created_at < now() - make_interval(secs => $1)",
+                    &[&age.as_secs_f64()],
+                )
+                .await;
+        }
+    }
+}
