@@ -43,6 +43,17 @@ pub struct Harness {
     /// smarthost.
     pub relay_mta: PathBuf,
     pub seed_dir: PathBuf,
+    /// The harness PostgreSQL cluster: TLS only (the harness CA), SCRAM,
+    /// a role that may create databases.
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub pg_user: String,
+    pub pg_database: String,
+    pub pg_password_file: PathBuf,
+    /// `tests/harness/pg`, which stops, starts and restarts the cluster.
+    pub pg_control: PathBuf,
+    /// `tests/harness/balancer`, which starts a private HAProxy.
+    pub balancer: PathBuf,
 }
 
 /// An OAuth client registered at the harness's OAuth server.
@@ -79,6 +90,73 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/harness")
         .join(name)
+}
+
+/// A connection to database `db` of the harness PostgreSQL, as its role.
+pub async fn pg_client(db: &str) -> tokio_postgres::Client {
+    let h = harness();
+    let password = std::fs::read_to_string(&h.pg_password_file).unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&h.pg_host)
+        .port(h.pg_port)
+        .user(&h.pg_user)
+        .password(password.trim_end())
+        .dbname(db)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*client_tls()).clone());
+    let (client, connection) = config.connect(tls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A new, empty database in the harness PostgreSQL: one per test, so
+/// that tests share the cluster but not their tables.
+pub async fn fresh_database() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "mg_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    pg_client(&harness().pg_database)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    name
+}
+
+/// The `[store]` table of a gateway on database `db`, sealing with the
+/// key in `key_file` (shared by every instance of a test).
+pub fn pg_store_toml(db: &str, key_file: &Path) -> String {
+    let h = harness();
+    format!(
+        "[store]\nbackend = \"postgres\"\nurl = \"postgres://{user}@{host}:{port}/{db}\"\n\
+         password_file = \"{password}\"\nca_file = \"{ca}\"\nkey_file = \"{key}\"\n\
+         poll_interval = \"200ms\"\n",
+        user = h.pg_user,
+        host = h.pg_host,
+        port = h.pg_port,
+        password = h.pg_password_file.display(),
+        ca = h.ca_file.display(),
+        key = key_file.display(),
+    )
+}
+
+/// Runs `tests/harness/pg DIR ACTION` (stop, start, restart).
+pub fn pg_control(action: &str) {
+    let h = harness();
+    let out = Command::new(&h.pg_control)
+        .arg(&h.harness_dir)
+        .arg(action)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Tokens from the authorization-code flow.
@@ -376,10 +454,15 @@ impl Gateway {
     /// The value of one metric series, e.g.
     /// `mailgate_upstream_spares_total{outcome="used"}`; 0 when absent.
     pub fn metric(&self, series: &str) -> f64 {
-        let text = self.running.as_ref().expect("running").metrics().render();
+        let text = self.metrics_text();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// The Prometheus exposition of the gateway's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.running.as_ref().expect("running").metrics().render()
     }
 
     /// The stored record of an account.
@@ -400,6 +483,7 @@ impl Gateway {
 }
 
 /// How a test gateway is configured beyond its accounts.
+#[derive(Clone)]
 pub struct Options {
     /// Lines for the `[oauth]` table.
     pub oauth: String,
@@ -419,6 +503,8 @@ pub struct Options {
     pub smtp: bool,
     /// More lines for every account's `[accounts.NAME.smtp]` table.
     pub smtp_account_extra: String,
+    /// `proxy_protocol_from` of every mail listener (a TOML array).
+    pub proxy_protocol_from: Option<String>,
 }
 
 impl Default for Options {
@@ -434,6 +520,7 @@ impl Default for Options {
             cheap_hashes: false,
             smtp: false,
             smtp_account_extra: String::new(),
+            proxy_protocol_from: None,
         }
     }
 }
@@ -454,6 +541,11 @@ pub fn free_port() -> u16 {
 pub fn config_toml(state: &Path, accounts: &[Account], options: &Options) -> String {
     let h = harness();
     let [p1, p2, p3, p4] = options.listener_ports.unwrap_or([0; 4]);
+    let proxy = options
+        .proxy_protocol_from
+        .as_ref()
+        .map(|from| format!("proxy_protocol_from = {from}"))
+        .unwrap_or_default();
     let mut toml = format!(
         r#"
 state_dir = "{state}"
@@ -465,18 +557,22 @@ key = "{dir}/server.key"
 protocol = "imap"
 address = "127.0.0.1:{p1}"
 tls = "implicit"
+{proxy}
 [[listeners]]
 protocol = "imap"
 address = "127.0.0.1:{p2}"
 tls = "starttls"
+{proxy}
 [[listeners]]
 protocol = "pop3"
 address = "127.0.0.1:{p3}"
 tls = "implicit"
+{proxy}
 [[listeners]]
 protocol = "pop3"
 address = "127.0.0.1:{p4}"
 tls = "starttls"
+{proxy}
 {smtp_listeners}
 [limits]
 login_failure_delay = "{failure_delay}"
@@ -491,11 +587,14 @@ allow_insecure_loopback_http = true
         oauth = options.oauth,
         top = options.top,
         limits = options.limits,
+        proxy = proxy,
         smtp_listeners = if options.smtp {
-            "[[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
-             [[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"starttls\""
+            format!(
+                "[[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n{proxy}\n\
+                 [[listeners]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\n{proxy}"
+            )
         } else {
-            ""
+            String::new()
         },
     );
     if let Some(port) = options.http_port {
@@ -753,12 +852,32 @@ pub async fn counting_proxy(
     (address, count)
 }
 
+/// The sum of every series of metric `name` whose labels contain each of
+/// `labels` (`outcome="ok"`), in a Prometheus exposition.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (series, value) = rest.rsplit_once(' ')?;
+            if !(series.is_empty() || series.starts_with('{')) {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|want| series.contains(want))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// The `mailgate` binary, run on a config file (listeners on port 0, SMTP
 /// included); its stderr (the log) goes to a file.
 pub struct Process {
     pub child: std::process::Child,
     pub log: PathBuf,
     pub config: PathBuf,
+    pub http_port: Option<u16>,
     pub imaps: std::net::SocketAddr,
     pub pop3s: std::net::SocketAddr,
     /// The implicit-TLS SMTP listener.
@@ -768,13 +887,23 @@ pub struct Process {
 
 impl Process {
     pub async fn start(accounts: &[Account], top: &str) -> Self {
+        let options = Options {
+            top: top.into(),
+            ..Options::default()
+        };
+        Self::start_options(accounts, &options).await
+    }
+
+    /// Starts the binary on the config of `options` (SMTP listeners
+    /// always on); with `options.http_port`, [`Process::metrics_text`]
+    /// scrapes it.
+    pub async fn start_options(accounts: &[Account], options: &Options) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Port 0 everywhere; the addresses come from the "listening" log
         // lines, so no two tests can race for a port.
         let options = Options {
-            top: top.into(),
             smtp: true,
-            ..Options::default()
+            ..options.clone()
         };
         let config = dir.path().join("mailgate.toml");
         std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
@@ -818,6 +947,7 @@ impl Process {
             child,
             log,
             config,
+            http_port: options.http_port,
             imaps: addresses[0],
             pop3s: addresses[2],
             smtps: addresses[4],
@@ -836,6 +966,17 @@ impl Process {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// What its `/metrics` says now.
+    pub async fn metrics_text(&self) -> String {
+        let port = self.http_port.expect("started with an http port");
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn wait_for_log(&self, needle: &str) {
