@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mailgate::config::{KeySource, PasswordSource, PostgresSettings};
@@ -13,7 +15,9 @@ use mailgate::oauth::{
     PendingFlow, PendingFlows as _, PgStore, Record, SaveError, TokenStore as _, Version,
 };
 use mailgate::secret::Secret;
-use support::{fresh_database, harness, metric_sum, pg_client, Account, Gateway, Options, RawClient};
+use support::{
+    fresh_database, harness, metric_sum, pg_client, Account, Gateway, Options, Process, RawClient,
+};
 
 fn settings(db: &str) -> PostgresSettings {
     let h = harness();
@@ -41,9 +45,13 @@ fn record(refresh: &str, access: &str) -> Record {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_versions_leases_and_flows_through_one_database() {
     let db = fresh_database().await;
-    let a = PgStore::open(&settings(&db), &key("11"), None).await.unwrap();
+    let a = PgStore::open(&settings(&db), &key("11"), None)
+        .await
+        .unwrap();
     // A second instance starting on the migrated database migrates nothing.
-    let b = PgStore::open(&settings(&db), &key("11"), None).await.unwrap();
+    let b = PgStore::open(&settings(&db), &key("11"), None)
+        .await
+        .unwrap();
     assert_eq!(a.schema_version().await.unwrap(), 1);
     assert!(a.check().await.unwrap().contains("schema version 1"));
 
@@ -96,7 +104,9 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
     let text = String::from_utf8_lossy(&sealed);
     assert!(!text.contains("rt-2") && !text.contains("at-2"));
     // A store with another key can't read it, and says so.
-    let other = PgStore::open(&settings(&db), &key("22"), None).await.unwrap();
+    let other = PgStore::open(&settings(&db), &key("22"), None)
+        .await
+        .unwrap();
     let e = other.load("acct").await.unwrap_err().to_string();
     assert!(e.contains("another key"), "{e}");
     // A record moved to another account is refused (the name is sealed in).
@@ -151,7 +161,10 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
     let started = std::time::Instant::now();
     let held_a = a.lease("acct", "owner-a", ttl).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    assert!(held_a.took_over, "the expired lease was not reported as taken over");
+    assert!(
+        held_a.took_over,
+        "the expired lease was not reported as taken over"
+    );
     assert!(!held_b.holds_for(Duration::ZERO));
     assert!(matches!(
         b.save("acct", &record("rt-stale", "at"), v3, Some(&held_b))
@@ -188,7 +201,11 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_newer_than_this_mailgate_is_refused_and_nothing_is_touched() {
     let db = fresh_database().await;
-    drop(PgStore::open(&settings(&db), &key("33"), None).await.unwrap());
+    drop(
+        PgStore::open(&settings(&db), &key("33"), None)
+            .await
+            .unwrap(),
+    );
     let client = pg_client(&db).await;
     client
         .execute("UPDATE mailgate_schema SET version = 99", &[])
@@ -326,14 +343,294 @@ async fn refreshes_over_many_cycles_equal_the_rotations_and_the_grant_survives()
     let requests = token_requests(&both, None);
     let rotations = token_requests(&both, Some("ok"));
     assert!(rotations >= 6.0, "only {rotations} refreshes in 20 s");
-    assert_eq!(requests, rotations, "a refresh request failed: a spent refresh token was presented");
+    assert_eq!(
+        requests, rotations,
+        "a refresh request failed: a spent refresh token was presented"
+    );
     for g in both {
         let text = g.metrics_text();
         assert_eq!(
             metric_sum(&text, "mailgate_account_needs_authorization", &[]),
             0.0
         );
-        assert_eq!(metric_sum(&text, "mailgate_store_stale_saves_total", &[]), 0.0);
+        assert_eq!(
+            metric_sum(&text, "mailgate_store_stale_saves_total", &[]),
+            0.0
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn readyz(port: u16) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// An account whose access tokens live 5 seconds.
+fn short_lived(name: &'static str, mailbox: &str) -> Account {
+    let grant = harness().authorize(support::SHORT_CLIENT, mailbox);
+    Account {
+        client: support::SHORT_CLIENT,
+        refresh_token: Some(grant.refresh_token),
+        ..Account::authorized_without_grant(name, mailbox)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_cached_tokens_serve_and_refreshes_wait_then_all_recovers() {
+    let _exclusive = DATABASE.write().await;
+    let h = harness();
+    h.seed("down-long@example.test");
+    h.seed("down-short@example.test");
+    let long = Account::authorized("downlong", "down-long@example.test");
+    let short = short_lived("downshort", "down-short@example.test");
+    let cluster = Cluster::new().await;
+    let port = support::free_port();
+    let gateway = Gateway::start_options(
+        tempfile::tempdir().unwrap(),
+        &[long.clone(), short.clone()],
+        &cluster.options("retry_backoff = \"1s\"", Some(port)),
+    )
+    .await;
+    assert!(imap_login(gateway.imaps, &long).await.starts_with("a OK"));
+    assert!(imap_login(gateway.imaps, &short).await.starts_with("a OK"));
+    assert_eq!(readyz(port).await.0, 200);
+
+    support::pg_control("stop");
+    let requests_before = token_requests(&[&gateway], None);
+    // The cached token keeps serving logins: they never touch the database.
+    for _ in 0..5 {
+        let reply = imap_login(gateway.imaps, &long).await;
+        assert!(reply.starts_with("a OK"), "{reply}");
+    }
+    let (status, body) = readyz(port).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("token_store_errors") && body.contains("postgres"),
+        "{body}"
+    );
+    // The short-lived token runs out; without the lease no refresh is sent,
+    // and the login is told to come back later.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let reply = imap_login(gateway.imaps, &short).await;
+    assert!(reply.starts_with("a NO [UNAVAILABLE]"), "{reply}");
+    assert_eq!(token_requests(&[&gateway], None), requests_before);
+    assert!(metric_sum(&gateway.metrics_text(), "mailgate_store_errors_total", &[]) > 0.0);
+
+    // Back up: the gateway reconnects by itself.
+    support::pg_control("start");
+    let mut recovered = false;
+    for _ in 0..50 {
+        if imap_login(gateway.imaps, &short).await.starts_with("a OK") {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "no login after the database came back");
+    assert_eq!(readyz(port).await.0, 200);
+
+    // A restart (the connection breaks under it) is recovered from too.
+    support::pg_control("restart");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if imap_login(gateway.imaps, &short).await.starts_with("a OK") {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "no login after the database restarted");
+    gateway.stop().await;
+}
+
+/// A token endpoint that accepts connections and never answers: a request
+/// in flight for as long as the test likes (a fault the real OAuth server
+/// can't produce). Counts the connections it accepted.
+async fn black_hole() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    (url, accepted)
+}
+
+async fn until_accepted(counter: &AtomicUsize) {
+    for _ in 0..200 {
+        if counter.load(Ordering::SeqCst) > 0 {
+            // The request's bytes follow the connect at once.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the token request never came");
+}
+
+async fn process_login(p: &Process, account: &Account) -> String {
+    imap_login(p.imaps, account).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_or_paused_mid_refresh_loses_its_lease_and_one_generation_is_kept() {
+    let _shared = DATABASE.read().await;
+    let h = harness();
+    h.seed("killed@example.test");
+    h.seed("paused@example.test");
+    let killed = Account::authorized("killed", "killed@example.test");
+    let paused = Account::authorized("paused", "paused@example.test");
+    let cluster = Cluster::new().await;
+    // Token requests of the two doomed holders go nowhere; theirs time out
+    // after 2 s, so their leases last 2 x 2 s + 10 s = 14 s.
+    let (hole_a, accepted_a) = black_hole().await;
+    let (hole_p, accepted_p) = black_hole().await;
+    let doomed = |account: &Account, hole: &str| Account {
+        token_url: Some(hole.to_owned()),
+        ..account.clone()
+    };
+    let holder = |account: Account| {
+        let options = cluster.options("request_timeout = \"2s\"", Some(support::free_port()));
+        async move { Process::start_options(&[account], &options).await }
+    };
+    let mut a = holder(doomed(&killed, &hole_a)).await;
+    let p = holder(doomed(&paused, &hole_p)).await;
+    let b = Process::start_options(
+        &[killed.clone(), paused.clone()],
+        &cluster.options("", Some(support::free_port())),
+    )
+    .await;
+
+    // Each holder takes its account's lease and sends its request.
+    let login_a = tokio::spawn({
+        let (address, account) = (a.imaps, killed.clone());
+        async move { imap_login(address, &account).await }
+    });
+    let login_p = tokio::spawn({
+        let (address, account) = (p.imaps, paused.clone());
+        async move { imap_login(address, &account).await }
+    });
+    until_accepted(&accepted_a).await;
+    until_accepted(&accepted_p).await;
+    a.signal("KILL");
+    p.signal("STOP");
+    drop(login_a);
+
+    // The other instance waits the leases out, takes them over, refreshes.
+    let started = std::time::Instant::now();
+    let (reply_killed, reply_paused) =
+        tokio::join!(process_login(&b, &killed), process_login(&b, &paused));
+    assert!(reply_killed.starts_with("a OK"), "{reply_killed}");
+    assert!(reply_paused.starts_with("a OK"), "{reply_paused}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "a live-looking lease was taken over early ({:?})",
+        started.elapsed()
+    );
+    let text = b.metrics_text().await;
+    assert_eq!(
+        metric_sum(&text, "mailgate_store_lease_takeovers_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(&text, "mailgate_token_requests_total", &["outcome=\"ok\""]),
+        2.0
+    );
+
+    // The paused holder resumes: its request timed out meanwhile, and its
+    // write (the failure) is refused as stale and counted. The login that
+    // waited behind it reads the record again and uses the other
+    // instance's tokens.
+    p.signal("CONT");
+    let reply = login_p.await.unwrap();
+    assert!(reply.starts_with("a OK"), "{reply}\n{}", p.log());
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        counted = metric_sum(
+            &p.metrics_text().await,
+            "mailgate_store_stale_saves_total",
+            &["account=\"paused\"", "reason=\"lease_lost\""],
+        );
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, 1.0);
+    // One generation is kept: the resumed instance now uses the tokens the
+    // other one saved, and the grant is intact for both.
+    assert!(process_login(&p, &paused).await.starts_with("a OK"));
+    assert!(process_login(&b, &paused).await.starts_with("a OK"));
+    assert_eq!(accepted_p.load(Ordering::SeqCst), 1);
+    let _ = a.exit_code().await;
+}
+
+/// The config file of one instance: the cluster's store, an HTTP listener
+/// on `port`, and the public URL that the balancer gives every instance.
+fn instance_config(
+    cluster: &Cluster,
+    name: &str,
+    accounts: &[Account],
+    port: u16,
+    public: u16,
+) -> std::path::PathBuf {
+    let dir = cluster.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = support::config_toml(&dir, accounts, &cluster.options("", Some(port))).replace(
+        "[http]\n",
+        &format!("[http]\npublic_url = \"http://127.0.0.1:{public}\"\n"),
+    );
+    let path = dir.join("mailgate.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_started_on_one_instance_finishes_on_the_other() {
+    use support::cli::{browser, start_authorize, unauthorized, wait};
+    let _shared = DATABASE.read().await;
+    harness().seed("flow@example.test");
+    let account = unauthorized("flow", "flow@example.test");
+    let cluster = Cluster::new().await;
+    let (port_a, port_b) = (support::free_port(), support::free_port());
+    let config_a = instance_config(&cluster, "a", &[account.clone()], port_a, port_a);
+    let config_b = instance_config(&cluster, "b", &[account.clone()], port_b, port_a);
+    let a = Gateway::start_config(&config_a, tempfile::tempdir().unwrap()).await;
+    let b = Gateway::start_config(&config_b, tempfile::tempdir().unwrap()).await;
+    assert!(imap_login(a.imaps, &account)
+        .await
+        .starts_with("a NO [AUTHENTICATIONFAILED] This account must be authorized"));
+
+    // `mailgate authorize` on A's config; the browser comes back to the
+    // public URL, which the balancer hands to B.
+    let (child, url) = start_authorize(&config_a, "flow", &[]).await;
+    let redirected = browser(url, "flow@example.test").await;
+    let public = format!("http://127.0.0.1:{port_a}/");
+    assert!(redirected.starts_with(&public), "{redirected}");
+    let to_b = redirected.replacen(&public, &format!("http://127.0.0.1:{port_b}/"), 1);
+    let page = reqwest::get(&to_b).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("Account flow is authorized"));
+    let (ok, stderr) = wait(child).await;
+    assert!(ok, "authorize failed: {stderr}");
+    // Both instances use the new tokens without a restart.
+    for g in [&a, &b] {
+        let reply = imap_login(g.imaps, &account).await;
+        assert!(reply.starts_with("a OK"), "{reply}");
     }
     a.stop().await;
     b.stop().await;

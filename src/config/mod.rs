@@ -416,12 +416,17 @@ fn store_backend(raw: &raw::Store) -> Result<StoreBackend, ConfigError> {
         .clone()
         .ok_or_else(|| invalid("store.url", "is required with backend = \"postgres\""))?;
     let parsed: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        invalid("store.url", format!("is not a PostgreSQL connection string: {e}"))
+        invalid(
+            "store.url",
+            format!("is not a PostgreSQL connection string: {e}"),
+        )
     })?;
     if parsed.get_password().is_some() {
         return Err(invalid(
             "store.url",
-            format!("must not hold the password: put it in store.password_file or {STORE_PASSWORD_ENV}"),
+            format!(
+                "must not hold the password: put it in store.password_file or {STORE_PASSWORD_ENV}"
+            ),
         ));
     }
     if parsed.get_hosts().is_empty()
@@ -436,14 +441,16 @@ fn store_backend(raw: &raw::Store) -> Result<StoreBackend, ConfigError> {
         ));
     }
     if parsed.get_user().is_none() {
-        return Err(invalid("store.url", "must name the user (postgres://USER@HOST/DB)"));
+        return Err(invalid(
+            "store.url",
+            "must name the user (postgres://USER@HOST/DB)",
+        ));
     }
     let password = match (std::env::var(STORE_PASSWORD_ENV), &raw.password_file) {
         (Ok(p), _) => Some(PasswordSource::Env(Secret::new(p))),
         (Err(_), Some(file)) => {
-            std::fs::metadata(file).map_err(|e| {
-                invalid("store.password_file", format!("{}: {e}", file.display()))
-            })?;
+            std::fs::metadata(file)
+                .map_err(|e| invalid("store.password_file", format!("{}: {e}", file.display())))?;
             Some(PasswordSource::File(file.clone()))
         }
         (Err(_), None) => None,
@@ -454,7 +461,10 @@ fn store_backend(raw: &raw::Store) -> Result<StoreBackend, ConfigError> {
     }
     let poll_interval = raw.poll_interval.unwrap_or(Duration::from_secs(1));
     if poll_interval < Duration::from_millis(50) || poll_interval > Duration::from_secs(60) {
-        return Err(invalid("store.poll_interval", "must be between 50ms and 60s"));
+        return Err(invalid(
+            "store.poll_interval",
+            "must be between 50ms and 60s",
+        ));
     }
     let connect_timeout = raw.connect_timeout.unwrap_or(Duration::from_secs(5));
     if connect_timeout.is_zero() {

@@ -23,10 +23,8 @@ impl Config {
             s,
             "store: {}",
             match &self.store {
-                super::StoreBackend::File => format!(
-                    "files in {}",
-                    self.state_dir.join("tokens").display()
-                ),
+                super::StoreBackend::File =>
+                    format!("files in {}", self.state_dir.join("tokens").display()),
                 super::StoreBackend::Postgres(p) => format!(
                     "postgres {}, password {}, CA {}",
                     p.url,

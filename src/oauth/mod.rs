@@ -404,7 +404,9 @@ impl Tokens {
     ) -> Result<(), TokenError> {
         match self.compare_and_save(name, state, fence).await {
             Ok(()) => Ok(()),
-            Err(e @ (SaveError::Conflict | SaveError::LeaseLost)) => Err(self.stale(name, state, &e)),
+            Err(e @ (SaveError::Conflict | SaveError::LeaseLost)) => {
+                Err(self.stale(name, state, &e))
+            }
             Err(SaveError::Store(e)) => Err(e.into()),
         }
     }
@@ -423,9 +425,10 @@ impl Tokens {
             .inc();
         warn!(account = %name, reason, "token record saved elsewhere meanwhile; this save was dropped");
         state.loaded = false;
-        TokenError::Transient(format!(
-            "this save of the account's tokens was refused ({why}); another process's stands"
-        ))
+        TokenError::Store(StoreError {
+            place: "token store".into(),
+            message: format!("this save was refused ({why}); another process's record stands"),
+        })
     }
 
     async fn compare_and_save(
@@ -597,7 +600,10 @@ impl Tokens {
             record.needs_authorization = None;
         };
         apply(&mut state.record);
-        match self.compare_and_save(&account.name, state, Some(lease)).await {
+        match self
+            .compare_and_save(&account.name, state, Some(lease))
+            .await
+        {
             Ok(()) => {}
             // We still hold the lease, so these tokens are the newest: a
             // writer without it (a tool) got in between. Lay ours over

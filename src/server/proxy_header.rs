@@ -67,10 +67,12 @@ pub fn header_len(bytes: &[u8]) -> Result<Option<usize>, HeaderError> {
     if bytes.starts_with(V1_PREFIX) {
         return match bytes.windows(2).position(|w| w == b"\r\n") {
             Some(at) if at + 2 <= V1_MAX => Ok(Some(at + 2)),
-            Some(_) => Err(HeaderError::Invalid("a v1 header longer than 107 bytes".into())),
-            None if bytes.len() >= V1_MAX => {
-                Err(HeaderError::Invalid("a v1 header longer than 107 bytes".into()))
-            }
+            Some(_) => Err(HeaderError::Invalid(
+                "a v1 header longer than 107 bytes".into(),
+            )),
+            None if bytes.len() >= V1_MAX => Err(HeaderError::Invalid(
+                "a v1 header longer than 107 bytes".into(),
+            )),
             None => Ok(None),
         };
     }

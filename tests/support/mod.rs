@@ -3,6 +3,8 @@
 //! port 0, and a small raw IMAP client over real TLS.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cli;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -971,6 +973,7 @@ impl Process {
     /// What its `/metrics` says now.
     pub async fn metrics_text(&self) -> String {
         let port = self.http_port.expect("started with an http port");
+        mailgate::tls::install_default_provider();
         reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
             .await
             .unwrap()

@@ -227,12 +227,16 @@ impl FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(error(&path, e)),
         };
-        self.inner.sealer.open(name, bytes).map(Some).map_err(|why| {
-            error(
-                &path,
-                format!("damaged or encrypted under another key ({why}); it was left as it is"),
-            )
-        })
+        self.inner
+            .sealer
+            .open(name, bytes)
+            .map(Some)
+            .map_err(|why| {
+                error(
+                    &path,
+                    format!("damaged or encrypted under another key ({why}); it was left as it is"),
+                )
+            })
     }
 
     /// Stores any value under `name`, atomically and encrypted.

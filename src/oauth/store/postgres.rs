@@ -215,10 +215,12 @@ impl PgStore {
         let mut pg = self.inner.pg.clone();
         match &self.inner.settings.password {
             Some(PasswordSource::File(path)) => {
-                let text = tokio::fs::read_to_string(path).await.map_err(|e| StoreError {
-                    place: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                let text = tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|e| StoreError {
+                        place: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 pg.password(text.trim_end_matches(['\r', '\n']));
             }
             Some(PasswordSource::Env(secret)) => {
@@ -329,9 +331,12 @@ impl PgStore {
         for step in MIGRATIONS.iter().skip(from) {
             tx.batch_execute(step).await.map_err(fail)?;
         }
-        tx.execute("UPDATE mailgate_schema SET version = $1", &[&SCHEMA_VERSION])
-            .await
-            .map_err(fail)?;
+        tx.execute(
+            "UPDATE mailgate_schema SET version = $1",
+            &[&SCHEMA_VERSION],
+        )
+        .await
+        .map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         if from < MIGRATIONS.len() {
             info!(store = %self.inner.place, from = current, to = SCHEMA_VERSION, "token store schema migrated");
@@ -465,7 +470,10 @@ impl TokenStore for PgStore {
             .map_err(|why| self.error("save", why))?;
         let (expected_p, next_p) = (Self::version_param(expected)?, Self::version_param(next)?);
         let (owner, epoch) = match fence {
-            Some(l) => (Some(l.owner.as_str()), Self::version_param(Version(l.epoch))?),
+            Some(l) => (
+                Some(l.owner.as_str()),
+                Self::version_param(Version(l.epoch))?,
+            ),
             None => (None, 0),
         };
         // $1 account, $2 owner, $3 epoch, $4 expected, $5 next, $6 sealed.
@@ -496,7 +504,10 @@ impl TokenStore for PgStore {
         }
         if fence.is_some() {
             let holds: bool = client
-                .query_one(&format!("SELECT {LEASE_HOLDS}"), &[&account, &owner, &epoch])
+                .query_one(
+                    &format!("SELECT {LEASE_HOLDS}"),
+                    &[&account, &owner, &epoch],
+                )
                 .await
                 .map_err(|e| self.error("save", e))?
                 .get(0);
