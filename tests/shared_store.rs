@@ -362,6 +362,18 @@ async fn refreshes_over_many_cycles_equal_the_rotations_and_the_grant_survives()
     b.stop().await;
 }
 
+/// Whether a login succeeds within `wait`, trying every 200 ms.
+async fn login_within(address: std::net::SocketAddr, account: &Account, wait: Duration) -> bool {
+    let until = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < until {
+        if imap_login(address, account).await.starts_with("a OK") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
 async fn readyz(port: u16) -> (u16, String) {
     let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
         .await
@@ -422,28 +434,14 @@ async fn with_the_database_down_cached_tokens_serve_and_refreshes_wait_then_all_
 
     // Back up: the gateway reconnects by itself.
     support::pg_control("start");
-    let mut recovered = false;
-    for _ in 0..50 {
-        if imap_login(gateway.imaps, &short).await.starts_with("a OK") {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let recovered = login_within(gateway.imaps, &short, Duration::from_secs(10)).await;
     assert!(recovered, "no login after the database came back");
     assert_eq!(readyz(port).await.0, 200);
 
     // A restart (the connection breaks under it) is recovered from too.
     support::pg_control("restart");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut recovered = false;
-    for _ in 0..50 {
-        if imap_login(gateway.imaps, &short).await.starts_with("a OK") {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let recovered = login_within(gateway.imaps, &short, Duration::from_secs(10)).await;
     assert!(recovered, "no login after the database restarted");
     gateway.stop().await;
 }
@@ -634,4 +632,119 @@ async fn an_authorization_started_on_one_instance_finishes_on_the_other() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+// --- Behind a load balancer: the PROXY protocol --------------------------------------
+
+async fn greeting_from(from: &str, to: std::net::SocketAddr) -> (RawClient, String) {
+    RawClient::greeted(support::connect_from(from, to).await).await
+}
+
+/// Reads until the peer closes (or 10 s pass): what was said before.
+async fn until_closed(tcp: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_haproxy_the_per_address_limit_sees_the_real_client_address() {
+    use tokio::io::AsyncWriteExt as _;
+    let h = harness();
+    h.seed("proxied@example.test");
+    let account = Account::authorized("proxied", "proxied@example.test");
+    let options = Options {
+        // HAProxy connects from 127.0.0.1; the clients are 127.0.0.2-5.
+        proxy_protocol_from: Some("[\"127.0.0.1/32\"]".into()),
+        limits: "max_pre_login_per_ip = 2\nproxy_header_timeout = \"1s\"".into(),
+        smtp: true,
+        ..Options::default()
+    };
+    let gateway =
+        Gateway::start_options(tempfile::tempdir().unwrap(), &[account.clone()], &options).await;
+    let imaps = support::start_balancer("imaps", &[gateway.imaps], "v2");
+    let pop3s = support::start_balancer("pop3s", &[gateway.pop3s], "v1");
+    let smtps = support::start_balancer("smtps", &[gateway.smtps.unwrap()], "v2");
+    let via = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    // A login through the balancer works end to end.
+    let (mut c, greeting) = greeting_from("127.0.0.2", via(imaps)).await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    c.send(format!("a LOGIN {} \"{}\"\r\n", account.name, account.password).as_bytes())
+        .await;
+    let reply = c.until_tagged("a").await.last().unwrap().clone();
+    assert!(reply.starts_with("a OK"), "{reply}");
+    drop(c);
+
+    // Two connections from 127.0.0.2 that don't log in fill its
+    // pre-login limit; a third is refused, while 127.0.0.3 (the same
+    // balancer's address as far as TCP is concerned) is not.
+    let (_held1, g1) = greeting_from("127.0.0.2", via(imaps)).await;
+    let (_held2, g2) = greeting_from("127.0.0.2", via(imaps)).await;
+    assert!(
+        g1.starts_with("* OK") && g2.starts_with("* OK"),
+        "{g1} {g2}"
+    );
+    let (_, refused) = greeting_from("127.0.0.2", via(imaps)).await;
+    assert!(
+        refused.starts_with("* BYE [UNAVAILABLE] Too many connections"),
+        "{refused}"
+    );
+    let (_, other) = greeting_from("127.0.0.3", via(imaps)).await;
+    assert!(other.starts_with("* OK"), "{other}");
+    // POP3 (PROXY v1) and SMTP (v2) are the same.
+    let (_p1, pop_greeting) = greeting_from("127.0.0.4", via(pop3s)).await;
+    assert!(pop_greeting.starts_with("+OK"), "{pop_greeting}");
+    let (_s1, smtp_greeting) = greeting_from("127.0.0.4", via(smtps)).await;
+    assert!(smtp_greeting.starts_with("220 "), "{smtp_greeting}");
+    let (_p2, _) = greeting_from("127.0.0.4", via(pop3s)).await;
+    let (_, pop_refused) = greeting_from("127.0.0.4", via(pop3s)).await;
+    assert!(pop_refused.starts_with("-ERR"), "{pop_refused}");
+
+    // A trusted address that sends no header is closed after the wait,
+    // having been told nothing.
+    let started = std::time::Instant::now();
+    let mut silent = support::connect_from("127.0.0.1", gateway.imap).await;
+    assert_eq!(until_closed(&mut silent).await, Some(Vec::new()));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // Anyone else who sends a header is refused: under implicit TLS before
+    // the handshake, on a STARTTLS listener after the greeting.
+    let mut forged = support::connect_from("127.0.0.5", gateway.imaps).await;
+    forged
+        .write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 993\r\n")
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut forged).await, Some(Vec::new()));
+    let mut forged = support::connect_from("127.0.0.5", gateway.imap).await;
+    forged
+        .write_all(
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\x7f\x00\x00\x01\x04\xd2\x00\x8f",
+        )
+        .await
+        .unwrap();
+    let said = until_closed(&mut forged).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&said).starts_with("* OK"),
+        "{said:?}"
+    );
+    assert!(!String::from_utf8_lossy(&said).contains("BAD"), "{said:?}");
+    assert_eq!(
+        metric_sum(
+            &gateway.metrics_text(),
+            "mailgate_connections_closed_total",
+            &["error_kind=\"proxy_header\""]
+        ),
+        3.0
+    );
+    for name in ["imaps", "pop3s", "smtps"] {
+        support::stop_balancer(name);
+    }
+    gateway.stop().await;
 }

@@ -146,6 +146,51 @@ pub fn pg_store_toml(db: &str, key_file: &Path) -> String {
     )
 }
 
+/// A private HAProxy in front of `servers` (`tests/harness/balancer`,
+/// TCP mode, PROXY protocol `proxy`: v1, v2 or none); returns its port.
+/// Stopped by [`stop_balancer`] or with the harness.
+pub fn start_balancer(name: &str, servers: &[SocketAddr], proxy: &str) -> u16 {
+    let h = harness();
+    let mut cmd = Command::new(&h.balancer);
+    cmd.arg(&h.harness_dir)
+        .arg(name)
+        .args(["--listen", "0", "--proxy", proxy]);
+    for s in servers {
+        cmd.arg("--server").arg(s.to_string());
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "balancer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    u16::try_from(started["port"].as_u64().unwrap()).unwrap()
+}
+
+pub fn stop_balancer(name: &str) {
+    let h = harness();
+    let out = Command::new(&h.balancer)
+        .arg("--stop")
+        .arg(&h.harness_dir)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8
+/// has many), so that tests can be several clients.
+pub async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
 /// Runs `tests/harness/pg DIR ACTION` (stop, start, restart).
 pub fn pg_control(action: &str) {
     let h = harness();
@@ -729,6 +774,11 @@ impl RawClient {
 
     /// TLS over an already connected socket; reads the greeting.
     pub async fn over(tcp: TcpStream) -> Self {
+        Self::greeted(tcp).await.0
+    }
+
+    /// TLS over `tcp`, and the greeting.
+    pub async fn greeted(tcp: TcpStream) -> (Self, String) {
         let tls = tokio_rustls::TlsConnector::from(client_tls())
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
@@ -738,8 +788,8 @@ impl RawClient {
             plain: None,
             buf: BytesMut::new(),
         };
-        let _greeting = c.line().await;
-        c
+        let greeting = c.line().await;
+        (c, greeting)
     }
 
     /// Connects without TLS (for STARTTLS) and reads the greeting.
