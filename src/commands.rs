@@ -372,3 +372,64 @@ pub async fn test(config: Config, target: &str) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+/// `mailgate store-copy`: the file store's records into PostgreSQL. A
+/// record is written only where the database has none, or where the file's
+/// is newer (a later successful refresh); the save is compared against the
+/// version read, so a gateway refreshing meanwhile wins.
+pub async fn store_copy(config: Config) -> ExitCode {
+    use mailgate::config::StoreBackend;
+    use mailgate::oauth::{FileStore, PgStore, TokenStore as _, Version};
+    let StoreBackend::Postgres(settings) = &config.store else {
+        return fail(
+            "store-copy copies into the PostgreSQL store: set [store] backend = \"postgres\"",
+        );
+    };
+    let file = match FileStore::open(&config.state_dir, &config.store_key) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let pg = match PgStore::open(settings, &config.store_key, None).await {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let mut failed = false;
+    for name in config.accounts.keys() {
+        let outcome = async {
+            let Some(from) = file.read(name).map_err(|e| e.to_string())? else {
+                return Ok("no record in the file store".to_owned());
+            };
+            let into = pg.load(name).await.map_err(|e| e.to_string())?;
+            let (expected, what) = match &into {
+                None => (Version(0), "copied".to_owned()),
+                Some(db) if db.record == from.record => {
+                    return Ok("already in the database".to_owned())
+                }
+                Some(db) if from.record.last_refresh > db.record.last_refresh => (
+                    db.version,
+                    "copied over an older record in the database".to_owned(),
+                ),
+                Some(_) => {
+                    return Ok("kept: the database holds a newer record".to_owned());
+                }
+            };
+            pg.save(name, &from.record, expected, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(what)
+        }
+        .await;
+        match outcome {
+            Ok(what) => println!("{name}: {what}"),
+            Err(e) => {
+                failed = true;
+                eprintln!("{name}: {e}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

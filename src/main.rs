@@ -74,6 +74,11 @@ enum Command {
         /// An account or integration name.
         target: String,
     },
+    /// Copy every account's tokens from the file store in `state_dir` into
+    /// the PostgreSQL store of `[store]`, without authorizing again. Safe
+    /// to run twice: a record already there is kept, and so is one the
+    /// database holds newer.
+    StoreCopy,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +121,9 @@ fn main() -> ExitCode {
                     },
                 ))
             })
+        }
+        Command::StoreCopy => {
+            with_config(&cli.config, |config| block_on(commands::store_copy(config)))
         }
         Command::Status => with_config(&cli.config, |config| block_on(commands::status(config))),
         Command::Test { target } => with_config(&cli.config, |config| {

@@ -748,3 +748,104 @@ async fn through_haproxy_the_per_address_limit_sees_the_real_client_address() {
     }
     gateway.stop().await;
 }
+
+// --- Moving a deployment ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_the_file_store_into_postgres_once_and_never_over_newer_records() {
+    use support::cli::mailgate;
+    let _shared = DATABASE.read().await;
+    let h = harness();
+    h.seed("moved@example.test");
+    let grant = h.authorize(support::CLIENT, "moved@example.test");
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let record = Record {
+        refresh_token: Some(grant.refresh_token.clone()),
+        access_token: Some(grant.access_token.clone()),
+        obtained_at: now,
+        expires_at: now + 3600,
+        last_refresh: now,
+        ..Record::default()
+    };
+    // What a single instance on the file store left behind.
+    let files = support::store(dir.path());
+    files.save_record("moved", &record).unwrap();
+    let moved = support::cli::unauthorized("moved", "moved@example.test");
+    let never = support::cli::unauthorized("never", "never@example.test");
+    let db = fresh_database().await;
+    let options = Options {
+        top: support::pg_store_toml(&db, &dir.path().join("token.key")),
+        ..Options::default()
+    };
+    let config = dir.path().join("mailgate.toml");
+    std::fs::write(
+        &config,
+        support::config_toml(dir.path(), &[moved.clone(), never], &options),
+    )
+    .unwrap();
+    let copy = || {
+        let out = mailgate(&config).arg("store-copy").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = copy();
+    assert!(first.contains("moved: copied\n"), "{first}");
+    assert!(
+        first.contains("never: no record in the file store"),
+        "{first}"
+    );
+    assert!(copy().contains("moved: already in the database"));
+
+    // Instances on the database use the copied tokens: no authorization,
+    // not even a token request.
+    let gateway = Gateway::start_config(&config, tempfile::tempdir().unwrap()).await;
+    assert!(imap_login(gateway.imaps, &moved).await.starts_with("a OK"));
+    assert_eq!(
+        token_requests(&[&gateway], None),
+        0.0,
+        "{}",
+        gateway.metrics_text()
+    );
+    gateway.stop().await;
+
+    // An older file record never replaces the database's; a newer one
+    // (the old instance refreshed after the copy) does.
+    let older = Record {
+        access_token: Some("older".into()),
+        last_refresh: now - 100,
+        ..record.clone()
+    };
+    files.save_record("moved", &older).unwrap();
+    assert!(copy().contains("moved: kept: the database holds a newer record"));
+    let newer = Record {
+        last_refresh: now + 100,
+        ..record
+    };
+    files.save_record("moved", &newer).unwrap();
+    assert!(copy().contains("moved: copied over an older record"));
+    let store = PgStore::open(
+        &settings(&db),
+        &KeySource::File(dir.path().join("token.key")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store
+            .load("moved")
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .last_refresh,
+        now + 100
+    );
+}

@@ -486,6 +486,8 @@ impl Tokens {
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
         let used_version = state.version;
         let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
+        // No refresh token: nothing was sent, so nothing is counted.
+        let sent = !matches!(result, Err(TokenError::NotAuthorizedYet(_)));
         let outcome = match &result {
             Ok(_) => "ok",
             Err(TokenError::NeedsAuthorization(_) | TokenError::NotAuthorizedYet(_)) => {
@@ -493,14 +495,16 @@ impl Tokens {
             }
             Err(_) => "transient",
         };
-        self.metrics
-            .token_requests
-            .with_label_values(&[
-                &account.integration.name,
-                account.grant.request_label(),
-                outcome,
-            ])
-            .inc();
+        if sent {
+            self.metrics
+                .token_requests
+                .with_label_values(&[
+                    &account.integration.name,
+                    account.grant.request_label(),
+                    outcome,
+                ])
+                .inc();
+        }
         let result = match result {
             Err(TokenError::NeedsAuthorization(_)) => {
                 self.rotated_elsewhere(account, state, used_version, result)
