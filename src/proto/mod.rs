@@ -8,6 +8,7 @@
 pub mod descriptor;
 pub mod frame;
 pub mod machine;
+pub mod proxy_header;
 pub mod sasl;
 
 use bytes::Bytes;
