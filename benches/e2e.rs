@@ -14,7 +14,7 @@
 //! as its own process so that its memory and CPU can be read from /proc.
 //! `MG_E2E_RELAY_ROUNDS` sets how many times the 3 MiB message is fetched
 //! (default 30); `MG_E2E_ONLY` runs only the named parts (comma-separated:
-//! relay, bulk, retr, latency, logins, memory, smtp); `MG_E2E_MAILGATE`
+//! relay, bulk, retr, latency, logins, memory, smtp, pgstore); `MG_E2E_MAILGATE`
 //! measures another mailgate binary (for A/B runs of a change).
 //!
 //! SMTP (`smtp`), against a direct XOAUTH2 session at the same Postfix: a
@@ -22,6 +22,11 @@
 //! session, AUTH latency with a cached token (p50 of 100), and full
 //! submission logins (connect, TLS, EHLO, AUTH, QUIT) per second at
 //! concurrency 1 and 16.
+//!
+//! The PostgreSQL store (`pgstore`): login latency with a cached token
+//! through a gateway on the harness PostgreSQL, against direct; then the
+//! same with the database stopped, which only works if a cached-token
+//! login never touches it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
 #[path = "../tests/support/mod.rs"]
@@ -106,8 +111,8 @@ fn wanted(section: &str) -> bool {
     only().is_none_or(|only| only.iter().any(|s| s == section))
 }
 
-const SECTIONS: [&str; 7] = [
-    "relay", "bulk", "retr", "latency", "logins", "memory", "smtp",
+const SECTIONS: [&str; 8] = [
+    "relay", "bulk", "retr", "latency", "logins", "memory", "smtp", "pgstore",
 ];
 
 /// The parts `MG_E2E_ONLY` names, checked: a misspelt one would run nothing.
@@ -148,12 +153,18 @@ impl Gateway {
 
     /// Starts mailgate through `prefix` (e.g. `prlimit --nofile=...`).
     fn start_with(accounts: &[Account], prefix: &[&str]) -> Self {
+        Self::start_top(accounts, prefix, "")
+    }
+
+    /// The same, with `top` lines at the config's top level (a `[store]`).
+    fn start_top(accounts: &[Account], prefix: &[&str], top: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let http_port = support::free_port();
         let options = Options {
             limits: "max_pre_login_per_ip = 4096".into(),
             http_port: Some(http_port),
             smtp: true,
+            top: top.into(),
             ..Options::default()
         };
         let config = dir.path().join("mailgate.toml");
@@ -571,6 +582,9 @@ async fn run() {
     if wanted("smtp") {
         smtp(&gateway, &account, &token, &mut results).await;
     }
+    if wanted("pgstore") {
+        pgstore(&account, &mut results).await;
+    }
     if wanted("memory") {
         memory(gateway, &account, &mut results).await;
     }
@@ -746,6 +760,58 @@ async fn latency(gateway: &Gateway, account: &Account, token: &str, results: &mu
         println!("{:<40} {ms:.2} ms mean", format!("mailgate {name} (imap)"));
         results.insert(format!("{name}_ms_mean"), serde_json::json!(ms));
     }
+}
+
+/// Login latency with a cached token on the PostgreSQL store, and with
+/// the database stopped.
+async fn pgstore(account: &Account, results: &mut Results) {
+    // A grant of its own: the other gateway rotates the first one.
+    let grant = harness().authorize(support::CLIENT, &account.mailbox);
+    let account = &Account {
+        refresh_token: Some(grant.refresh_token),
+        ..account.clone()
+    };
+    let token = grant.access_token.as_str();
+    let db = support::fresh_database().await;
+    let key = tempfile::tempdir().unwrap();
+    let top = support::pg_store_toml(&db, &key.path().join("token.key"));
+    let gateway = Gateway::start_top(std::slice::from_ref(account), &[], &top);
+    // Warm up: the first login refreshes and saves to the database.
+    drop(imap_login(Some(&gateway), account, token).await);
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        direct.push(imap_login(None, account, token).await.1);
+        via.push(imap_login(Some(&gateway), account, token).await.1);
+    }
+    let (d, v) = (
+        percentile(&mut direct, 0.5).as_secs_f64() * 1e3,
+        percentile(&mut via, 0.5).as_secs_f64() * 1e3,
+    );
+    report(
+        results,
+        "login latency p50 (cached token, PostgreSQL store)",
+        d,
+        v,
+        "ms",
+    );
+    results.insert(
+        "pgstore_login_added_ms_p50".into(),
+        serde_json::json!(v - d),
+    );
+    support::pg_control("stop");
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        direct.push(imap_login(None, account, token).await.1);
+        // Asserts the OK: with the database down it only comes from the
+        // cache.
+        via.push(imap_login(Some(&gateway), account, token).await.1);
+    }
+    support::pg_control("start");
+    let (d, v) = (
+        percentile(&mut direct, 0.5).as_secs_f64() * 1e3,
+        percentile(&mut via, 0.5).as_secs_f64() * 1e3,
+    );
+    report(results, "the same with the database stopped", d, v, "ms");
 }
 
 /// Logins per second, and CPU per login.
