@@ -135,6 +135,9 @@ struct AccountState {
     /// Background refresher back-off after transient failures.
     failures: u32,
     retry_at: Option<Instant>,
+    /// The spool is known to hold nothing for this account (checked at
+    /// the first load, and after a save that failed).
+    spool_clear: bool,
 }
 
 struct AccountTokens {
@@ -154,6 +157,10 @@ pub struct Tokens {
     notifier: Notifier,
     metrics: Arc<Metrics>,
     accounts: HashMap<String, AccountTokens>,
+    /// With a shared store: new tokens are written here, on local disk,
+    /// before they are saved to the store, and removed once saved. What a
+    /// crash or a store outage left here is saved at the next load.
+    spool: Option<FileStore>,
 }
 
 impl Tokens {
@@ -174,7 +181,15 @@ impl Tokens {
             .use_preconfigured_tls(tls.clone())
             .build()
             .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
+        let spool = match config.store {
+            StoreBackend::File => None,
+            StoreBackend::Postgres(_) => Some(FileStore::open(
+                &config.state_dir.join("spool"),
+                &config.store_key,
+            )?),
+        };
         Ok(Self {
+            spool,
             notifier: Notifier::new(&config.oauth, http.clone()),
             metrics,
             http: TokenHttp(http),
@@ -215,6 +230,19 @@ impl Tokens {
         self.sync(account, &mut state).await?;
         if let Some(token) = usable(&state) {
             return Ok(token);
+        }
+        if TokenStatus::of(account, Ok(Some(&state.record))).authorization
+            != Authorization::Authorized
+        {
+            // About to refuse: read the record once more, in case another
+            // instance installed tokens since the last poll of versions.
+            state.loaded = false;
+            if let Err(e) = self.sync(account, &mut state).await {
+                warn!(account = %account.name, error = %e, "token store unreadable");
+            }
+            if let Some(token) = usable(&state) {
+                return Ok(token);
+            }
         }
         match TokenStatus::of(account, Ok(Some(&state.record))).authorization {
             Authorization::Revoked(why) => Err(TokenError::NeedsAuthorization(why)),
@@ -311,6 +339,14 @@ impl Tokens {
         status_of(self.store.as_ref(), account).await
     }
 
+    /// What the token store is, or why it can't be used now.
+    ///
+    /// # Errors
+    /// When the store can't be reached.
+    pub async fn store_check(&self) -> Result<String, StoreError> {
+        self.store.check().await
+    }
+
     /// The token status of every account, in name order.
     pub async fn statuses(&self) -> Vec<(Arc<Account>, TokenStatus)> {
         let mut entries: Vec<&AccountTokens> = self.accounts.values().collect();
@@ -354,6 +390,9 @@ impl Tokens {
         if state.loaded && !self.store.changed(&account.name, state.version) {
             return Ok(());
         }
+        if !state.spool_clear {
+            self.replay_spool(&account.name, state).await?;
+        }
         let Versioned {
             mut record,
             version,
@@ -377,6 +416,65 @@ impl Tokens {
         state.version = version;
         state.loaded = true;
         Ok(())
+    }
+
+    /// Saves what the spool holds for `name` if the store's record is
+    /// older (a crash or a failed save lost it there), then empties the
+    /// spool. A store that can't be reached leaves the spool for later.
+    async fn replay_spool(&self, name: &str, state: &mut AccountState) -> Result<(), StoreError> {
+        let Some(spool) = &self.spool else {
+            state.spool_clear = true;
+            return Ok(());
+        };
+        let Some(spooled) = spool.load(name).await? else {
+            state.spool_clear = true;
+            return Ok(());
+        };
+        let current = self.store.load(name).await?;
+        let (base, older) = match &current {
+            None => (Version(0), true),
+            Some(v) => (
+                v.version,
+                v.record.last_refresh < spooled.record.last_refresh,
+            ),
+        };
+        if older {
+            match self.store.save(name, &spooled.record, base, None).await {
+                Ok(_) => {
+                    info!(account = %name, "saved tokens that a crash or a store outage had left in the local spool");
+                }
+                // Saved meanwhile by another writer: its record stands.
+                Err(SaveError::Conflict | SaveError::LeaseLost) => {}
+                Err(SaveError::Store(e)) => return Err(e),
+            }
+        }
+        spool.remove_record(name)?;
+        state.spool_clear = true;
+        Ok(())
+    }
+
+    /// Writes `record` to the spool (best effort: a failure is logged, and
+    /// the save to the store goes ahead).
+    async fn spool_write(&self, name: &str, record: &Record) {
+        let Some(spool) = &self.spool else {
+            return;
+        };
+        let (spool, name, record) = (spool.clone(), name.to_owned(), record.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            spool.save_record(&name, &record).map_err(|e| (name, e))
+        })
+        .await;
+        if let Ok(Err((name, e))) = written {
+            warn!(account = %name, error = %e, "can't write the local token spool");
+        }
+    }
+
+    fn empty_spool(&self, name: &str) {
+        if let Some(spool) = &self.spool {
+            if let Err(e) = spool.remove_record(name) {
+                warn!(account = %name, error = %e, "can't empty the local token spool");
+            }
+        }
     }
 
     /// How long a token of `lifetime` is handed out: until `refresh_margin`
@@ -478,9 +576,11 @@ impl Tokens {
         // The request is only sent while the lease surely outlasts it: a
         // process that stalled since taking the lease may have lost it.
         if !lease.holds_for(self.request_timeout + LEASE_MARGIN) {
-            return Err(TokenError::Transient(
-                "the refresh lease ran out before the token request could be sent (this process stalled)".into(),
-            ));
+            return Err(TokenError::Store(StoreError {
+                place: "refresh lease".into(),
+                message: "it ran out before the token request could be sent (this process stalled)"
+                    .into(),
+            }));
         }
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
@@ -505,13 +605,11 @@ impl Tokens {
                 ])
                 .inc();
         }
-        let result = match result {
-            Err(TokenError::NeedsAuthorization(_)) => {
-                self.rotated_elsewhere(account, state, used_version, result)
-                    .await?
+        if let Err(TokenError::NeedsAuthorization(_)) = &result {
+            if let Some(newer) = self.rotated_elsewhere(account, state, used_version).await? {
+                return newer;
             }
-            other => other,
-        };
+        }
         match result {
             Ok(granted) => {
                 self.store_granted(account, state, granted, started, lease)
@@ -554,27 +652,27 @@ impl Tokens {
     /// the account is marked, the record is read again: another instance
     /// may have rotated the token meanwhile (a holder whose lease we took
     /// over when it stalled, say), and then the new one stands.
+    /// `None`: the record is unchanged, and the refusal stands.
     async fn rotated_elsewhere(
         &self,
         account: &Account,
         state: &mut AccountState,
         used_version: Version,
-        refused: Result<Granted, TokenError>,
-    ) -> Result<Result<Granted, TokenError>, TokenError> {
+    ) -> Result<Option<Result<Secret<String>, TokenError>>, TokenError> {
         state.loaded = false;
         self.sync(account, state).await?;
         if state.version == used_version {
-            return Ok(refused);
+            return Ok(None);
         }
         info!(account = %account.name, "refresh token refused, but another instance saved new tokens meanwhile; using those");
-        Err(match usable(state) {
-            Some(_) => TokenError::Transient(
-                "another instance rotated the tokens during this refresh; retry".into(),
-            ),
-            None => TokenError::Transient(
-                "another instance saved this account's tokens during the refresh".into(),
-            ),
-        })
+        Ok(Some(usable(state).ok_or_else(|| {
+            TokenError::Store(StoreError {
+                place: "token store".into(),
+                message:
+                    "another instance saved this account's tokens during the refresh; try again"
+                        .into(),
+            })
+        })))
     }
 
     /// Stores new tokens before anyone uses them: a rotated refresh token
@@ -604,24 +702,41 @@ impl Tokens {
             record.needs_authorization = None;
         };
         apply(&mut state.record);
-        match self
-            .compare_and_save(&account.name, state, Some(lease))
-            .await
-        {
-            Ok(()) => {}
-            // We still hold the lease, so these tokens are the newest: a
-            // writer without it (a tool) got in between. Lay ours over
-            // what it wrote rather than lose a rotated refresh token.
-            Err(SaveError::Conflict) => {
-                warn!(account = %account.name, "token record saved elsewhere during the refresh; saving the new tokens over it");
-                state.loaded = false;
-                self.sync(account, state).await?;
-                apply(&mut state.record);
-                self.save(&account.name, state, Some(lease)).await?;
+        // On local disk first: if the save below fails or this process
+        // dies before it, the rotated refresh token survives.
+        self.spool_write(&account.name, &state.record).await;
+        let saved = async {
+            match self
+                .compare_and_save(&account.name, state, Some(lease))
+                .await
+            {
+                Ok(()) => Ok(()),
+                // We still hold the lease, so these tokens are the newest:
+                // a writer without it (a tool) got in between. Lay ours
+                // over what it wrote rather than lose a rotated refresh
+                // token.
+                Err(SaveError::Conflict) => {
+                    warn!(account = %account.name, "token record saved elsewhere during the refresh; saving the new tokens over it");
+                    state.loaded = false;
+                    self.sync(account, state).await?;
+                    apply(&mut state.record);
+                    self.save(&account.name, state, Some(lease)).await
+                }
+                Err(e @ SaveError::LeaseLost) => Err(self.stale(&account.name, state, &e)),
+                Err(SaveError::Store(e)) => Err(e.into()),
             }
-            Err(e @ SaveError::LeaseLost) => return Err(self.stale(&account.name, state, &e)),
-            Err(SaveError::Store(e)) => return Err(e.into()),
         }
+        .await;
+        match &saved {
+            // Kept in the spool for the next load; until then the store's
+            // record is the one to use.
+            Err(TokenError::Store(_)) => {
+                state.spool_clear = false;
+                state.loaded = false;
+            }
+            _ => self.empty_spool(&account.name),
+        }
+        saved?;
         state.use_until = Some(started + self.usable(granted.lifetime));
         info!(account = %account.name, lifetime_s = granted.lifetime.as_secs(), "access token obtained");
         Ok(granted.access_token)

@@ -960,18 +960,44 @@ impl Process {
         let config = dir.path().join("mailgate.toml");
         std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
         let log = dir.path().join("log");
+        let (child, addresses) = Self::spawn(&config, &log).await;
+        Self {
+            child,
+            log,
+            config,
+            http_port: options.http_port,
+            imaps: addresses[0],
+            pop3s: addresses[2],
+            smtps: addresses[4],
+            _dir: dir,
+        }
+    }
+
+    /// Kills the process (SIGKILL: a crash) and starts it again on the
+    /// same config and state directory, on new ports.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addresses) = Self::spawn(&self.config, &self.log).await;
+        self.child = child;
+        self.imaps = addresses[0];
+        self.pop3s = addresses[2];
+        self.smtps = addresses[4];
+    }
+
+    async fn spawn(config: &Path, log: &Path) -> (std::process::Child, Vec<std::net::SocketAddr>) {
         let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .arg("run")
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
         let mut addresses = Vec::new();
         for _ in 0..200 {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
             addresses = text
                 .lines()
                 .filter(|l| l.contains("listening") && !l.contains("http listening"))
@@ -993,18 +1019,9 @@ impl Process {
             addresses.len(),
             6,
             "listeners not up:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            std::fs::read_to_string(log).unwrap_or_default()
         );
-        Self {
-            child,
-            log,
-            config,
-            http_port: options.http_port,
-            imaps: addresses[0],
-            pop3s: addresses[2],
-            smtps: addresses[4],
-            _dir: dir,
-        }
+        (child, addresses)
     }
 
     pub fn signal(&self, name: &str) {

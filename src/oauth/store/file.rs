@@ -154,6 +154,19 @@ impl FileStore {
         Ok(self.read(account)?.map(|v| v.record))
     }
 
+    /// Removes the record of `account`, if any.
+    ///
+    /// # Errors
+    /// When it exists but can't be removed.
+    pub fn remove_record(&self, account: &str) -> Result<(), StoreError> {
+        let path = self.path(account);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(error(&path, e)),
+        }
+    }
+
     /// Saves `record`, whatever version is stored (for tests and tools).
     ///
     /// # Errors
