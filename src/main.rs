@@ -157,11 +157,19 @@ fn main() -> ExitCode {
 /// For a shared store: whether the database is reachable, and at which
 /// schema version (nothing is created or migrated here).
 async fn check_store(config: &Config) -> Result<(), String> {
-    use mailgate::oauth::store::postgres::{PgStore, SCHEMA_VERSION};
+    use mailgate::oauth::store::postgres::{Connector, SCHEMA_VERSION};
     let mailgate::config::StoreBackend::Postgres(settings) = &config.store else {
         return Ok(());
     };
-    let store = PgStore::connector(settings, &config.store_key, None).map_err(|e| e.to_string())?;
+    let store = Connector::new(settings, None).map_err(|e| e.to_string())?;
+    if let mailgate::config::KeySource::File(key) = &config.store_key {
+        if !key.exists() {
+            println!(
+                "store key: {} is missing: the first instance creates it while the database holds no records; every other instance needs a copy",
+                key.display()
+            );
+        }
+    }
     match store.schema_version().await {
         Ok(0) => println!(
             "store: reachable; no mailgate tables yet (`mailgate run` creates them at schema version {SCHEMA_VERSION})"

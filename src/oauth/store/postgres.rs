@@ -8,8 +8,10 @@
 //!   migrates them under an advisory lock, so instances may start at once.
 //! - **Sealing:** the same AEAD, key and bytes as the file store, with the
 //!   account name as associated data and the version inside the
-//!   ciphertext: the database and its backups only ever hold ciphertext,
-//!   and a row can't be moved to another account or rolled back unseen.
+//!   ciphertext: the database and its backups only ever hold ciphertext
+//!   (the account names are the rows' plain keys), and a row can't be
+//!   moved to another account or get another version unseen. (A whole
+//!   row restored from a backup is a valid old record: nothing tells.)
 //! - **Leases:** timed by the database's clock (`now()`), with an owner and
 //!   an epoch bumped at each grant. One statement takes a lease that is
 //!   free, released or expired; a save can be fenced by it, and a fenced
@@ -101,20 +103,25 @@ pub struct PgStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// How to reach the database: settings, TLS, and the place errors name.
+pub struct Connector {
     settings: PostgresSettings,
     pg: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     /// "postgres HOST:PORT/DB", for errors and logs.
     place: String,
+    metrics: Option<Arc<Metrics>>,
+}
+
+struct Inner {
+    connector: Connector,
     sealer: Sealer,
     conn: Mutex<Conn>,
-    /// The newest version seen of each account, by the poll or our own
-    /// loads and saves.
+    /// The version last seen of each account, by the poll or our own loads
+    /// and saves.
     versions: StdMutex<HashMap<String, Version>>,
     /// The poll's last error, if the last poll failed.
     health: StdMutex<Option<String>>,
-    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Default)]
@@ -126,38 +133,18 @@ struct Conn {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("place", &self.inner.place)
+            .field("place", &self.inner.connector.place)
             .finish_non_exhaustive()
     }
 }
 
-impl PgStore {
-    /// Connects, creates or migrates the tables, and starts the poll of
-    /// versions (stopped when the last clone is dropped).
+impl Connector {
+    /// Checks the settings and loads the CA file; touches no database.
     ///
     /// # Errors
-    /// When the key, the CA file or the database can't be had, or the
-    /// database's schema is newer than this mailgate's.
-    pub async fn open(
+    /// When the URL doesn't parse or the CA file can't be had.
+    pub fn new(
         settings: &PostgresSettings,
-        key: &KeySource,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Result<Self, StoreError> {
-        let store = Self::connector(settings, key, metrics)?;
-        store.migrate().await?;
-        let weak = Arc::downgrade(&store.inner);
-        tokio::spawn(poll(weak, settings.poll_interval));
-        Ok(store)
-    }
-
-    /// The store without touching the database: for `check-config`, which
-    /// only reads the schema version ([`PgStore::schema_version`]).
-    ///
-    /// # Errors
-    /// When the key or the CA file can't be had.
-    pub fn connector(
-        settings: &PostgresSettings,
-        key: &KeySource,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, StoreError> {
         let mut pg: tokio_postgres::Config = settings.url.parse().map_err(|e| StoreError {
@@ -180,40 +167,35 @@ impl PgStore {
                 .join(","),
             pg.get_dbname().unwrap_or_default()
         );
+        // The CA file's certificates, beside the bundled web roots.
         let tls = crate::tls::client(settings.ca_file.as_deref()).map_err(|e| StoreError {
             place: "store.ca_file".into(),
             message: e.to_string(),
         })?;
         Ok(Self {
-            inner: Arc::new(Inner {
-                settings: settings.clone(),
-                pg,
-                tls: MakeRustlsConnect::new((*tls).clone()),
-                sealer: Sealer::new(key)?,
-                place,
-                conn: Mutex::default(),
-                versions: StdMutex::default(),
-                health: StdMutex::default(),
-                metrics,
-            }),
+            settings: settings.clone(),
+            pg,
+            tls: MakeRustlsConnect::new((*tls).clone()),
+            place,
+            metrics,
         })
     }
 
     fn error(&self, operation: &'static str, message: impl std::fmt::Display) -> StoreError {
-        if let Some(m) = &self.inner.metrics {
+        if let Some(m) = &self.metrics {
             m.store_errors
                 .with_label_values(&["postgres", operation])
                 .inc();
         }
         StoreError {
-            place: self.inner.place.clone(),
+            place: self.place.clone(),
             message: format!("{operation}: {message}"),
         }
     }
 
     async fn config_with_password(&self) -> Result<tokio_postgres::Config, StoreError> {
-        let mut pg = self.inner.pg.clone();
-        match &self.inner.settings.password {
+        let mut pg = self.pg.clone();
+        match &self.settings.password {
             Some(PasswordSource::File(path)) => {
                 let text = tokio::fs::read_to_string(path)
                     .await
@@ -232,14 +214,17 @@ impl PgStore {
     }
 
     /// A new connection of its own, its driver spawned.
-    async fn connect(&self) -> Result<Client, StoreError> {
+    ///
+    /// # Errors
+    /// When the database can't be reached, or refuses the login.
+    pub async fn connect(&self) -> Result<Client, StoreError> {
         let pg = self.config_with_password().await?;
-        let timeout = self.inner.settings.connect_timeout;
-        let connected = tokio::time::timeout(timeout, pg.connect(self.inner.tls.clone()))
+        let timeout = self.settings.connect_timeout;
+        let connected = tokio::time::timeout(timeout, pg.connect(self.tls.clone()))
             .await
             .map_err(|_| self.error("connect", format!("timed out after {timeout:?}")))?;
-        let (client, connection) = connected.map_err(|e| self.error("connect", e))?;
-        let place = self.inner.place.clone();
+        let (client, connection) = connected.map_err(|e| self.error("connect", detail(&e)))?;
+        let place = self.place.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 warn!(store = %place, error = %e, "token store connection closed");
@@ -248,61 +233,27 @@ impl PgStore {
         Ok(client)
     }
 
-    /// The shared connection, opened again when it broke.
-    async fn client(&self) -> Result<Arc<Client>, StoreError> {
-        let mut conn = self.inner.conn.lock().await;
-        if let Some(c) = conn.client.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        conn.client = None;
-        if let Some((at, why)) = &conn.failed {
-            if at.elapsed() < RECONNECT_AFTER {
-                return Err(StoreError {
-                    place: self.inner.place.clone(),
-                    message: why.clone(),
-                });
-            }
-        }
-        match self.connect().await {
-            Ok(client) => {
-                if conn.failed.take().is_some() {
-                    info!(store = %self.inner.place, "token store reachable again");
-                }
-                let client = Arc::new(client);
-                conn.client = Some(client.clone());
-                Ok(client)
-            }
-            Err(e) => {
-                conn.failed = Some((Instant::now(), e.message.clone()));
-                Err(e)
-            }
-        }
-    }
-
-    /// The schema version in the database (0: no tables yet).
+    /// The schema version in the database (0: no tables yet), read
+    /// without creating anything (`check-config`).
     ///
     /// # Errors
     /// When the database can't be reached or read.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
-        let client = self.client().await?;
-        let exists = client
-            .query_one("SELECT to_regclass('mailgate_schema') IS NOT NULL", &[])
+        let client = self.connect().await?;
+        schema_version(&client)
             .await
-            .map_err(|e| self.error("check", e))?;
-        if !exists.get::<_, bool>(0) {
-            return Ok(0);
-        }
-        let row = client
-            .query_one("SELECT version FROM mailgate_schema", &[])
-            .await
-            .map_err(|e| self.error("check", e))?;
-        Ok(row.get(0))
+            .map_err(|e| self.error("check", detail(&e)))
     }
 
-    /// Creates or migrates the tables, once across every instance.
+    /// Creates or migrates the tables, once across every instance. A
+    /// database at this version is only read, so that a role without the
+    /// right to create tables can run an installed schema.
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.connect().await?;
-        let fail = |e: tokio_postgres::Error| self.error("migrate", e);
+        let fail = |e: tokio_postgres::Error| self.error("migrate", detail(&e));
+        if schema_version(&client).await.map_err(fail)? == SCHEMA_VERSION {
+            return Ok(());
+        }
         let tx = client.transaction().await.map_err(fail)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
@@ -339,9 +290,136 @@ impl PgStore {
         .map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         if from < MIGRATIONS.len() {
-            info!(store = %self.inner.place, from = current, to = SCHEMA_VERSION, "token store schema migrated");
+            info!(store = %self.place, from = current, to = SCHEMA_VERSION, "token store schema migrated");
         }
         Ok(())
+    }
+}
+
+/// What went wrong, in words: the server's message for a database error
+/// (tokio-postgres's own text is only "db error"), else the error and its
+/// cause.
+fn detail(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// `mailgate_schema`'s version, 0 when there is no such table.
+async fn schema_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('mailgate_schema') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one("SELECT version FROM mailgate_schema", &[])
+        .await?
+        .get(0))
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the tables, and starts the poll of
+    /// versions (stopped when the last clone is dropped).
+    ///
+    /// A store key file that doesn't exist is created only while the
+    /// database holds no records: every instance must seal with the same
+    /// key, and an instance that made its own would split the cluster.
+    ///
+    /// # Errors
+    /// When the key, the CA file or the database can't be had, or the
+    /// database's schema is newer than this mailgate's.
+    pub async fn open(
+        settings: &PostgresSettings,
+        key: &KeySource,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, StoreError> {
+        let connector = Connector::new(settings, metrics)?;
+        connector.migrate().await?;
+        if let KeySource::File(path) = key {
+            if !path.exists() {
+                let client = connector.connect().await?;
+                let held: bool = client
+                    .query_one("SELECT EXISTS (SELECT 1 FROM mailgate_tokens)", &[])
+                    .await
+                    .map_err(|e| connector.error("open", detail(&e)))?
+                    .get(0);
+                if held {
+                    return Err(StoreError {
+                        place: path.display().to_string(),
+                        message: "missing, and the database holds records sealed under a key: copy the key file from another instance (every instance uses the same key)".into(),
+                    });
+                }
+            }
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                sealer: Sealer::new(key)?,
+                connector,
+                conn: Mutex::default(),
+                versions: StdMutex::default(),
+                health: StdMutex::default(),
+            }),
+        };
+        let weak = Arc::downgrade(&store.inner);
+        tokio::spawn(poll(weak, settings.poll_interval));
+        Ok(store)
+    }
+
+    fn error(&self, operation: &'static str, message: impl std::fmt::Display) -> StoreError {
+        self.inner.connector.error(operation, message)
+    }
+
+    fn place(&self) -> &str {
+        &self.inner.connector.place
+    }
+
+    /// The shared connection, opened again when it broke.
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut conn = self.inner.conn.lock().await;
+        if let Some(c) = conn.client.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        conn.client = None;
+        if let Some((at, why)) = &conn.failed {
+            if at.elapsed() < RECONNECT_AFTER {
+                return Err(StoreError {
+                    place: self.place().to_owned(),
+                    message: why.clone(),
+                });
+            }
+        }
+        match self.inner.connector.connect().await {
+            Ok(client) => {
+                if conn.failed.take().is_some() {
+                    info!(store = %self.place(), "token store reachable again");
+                }
+                let client = Arc::new(client);
+                conn.client = Some(client.clone());
+                Ok(client)
+            }
+            Err(e) => {
+                conn.failed = Some((Instant::now(), e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The schema version in the database.
+    ///
+    /// # Errors
+    /// When the database can't be reached or read.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let client = self.client().await?;
+        schema_version(&client)
+            .await
+            .map_err(|e| self.error("check", detail(&e)))
     }
 
     fn note_version(&self, account: &str, version: Version) {
@@ -350,8 +428,9 @@ impl PgStore {
             .versions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let seen = versions.entry(account.to_owned()).or_default();
-        *seen = (*seen).max(version);
+        // The latest read wins, even when older: a row restored from a
+        // backup is then read once, not at every use.
+        versions.insert(account.to_owned(), version);
     }
 
     /// The newest version each account has in the database.
@@ -360,7 +439,7 @@ impl PgStore {
         let rows = client
             .query("SELECT account, version FROM mailgate_tokens", &[])
             .await
-            .map_err(|e| self.error("poll", e))?;
+            .map_err(|e| self.error("poll", detail(&e)))?;
         for row in rows {
             let (account, version): (String, i64) = (row.get(0), row.get(1));
             self.note_version(&account, Version(u64::try_from(version).unwrap_or(0)));
@@ -381,7 +460,7 @@ impl PgStore {
                 &[&account],
             )
             .await
-            .map_err(|e| self.error("load", e))?;
+            .map_err(|e| self.error("load", detail(&e)))?;
         Ok(row.map(|r| {
             let version: i64 = r.get(1);
             (r.get(0), u64::try_from(version).unwrap_or(0))
@@ -415,7 +494,7 @@ async fn poll(store: Weak<Inner>, every: Duration) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if outcome.is_some() && health.is_none() {
-            warn!(store = %store.inner.place, error = outcome.as_deref().unwrap_or(""), "token store unreachable; cached access tokens keep serving logins");
+            warn!(store = %store.place(), error = outcome.as_deref().unwrap_or(""), "token store unreachable; cached access tokens keep serving logins");
         }
         *health = outcome;
     }
@@ -497,7 +576,7 @@ impl TokenStore for PgStore {
                 &[&account, &owner, &epoch, &expected_p, &next_p, &sealed],
             )
             .await
-            .map_err(|e| self.error("save", e))?;
+            .map_err(|e| self.error("save", detail(&e)))?;
         if written == 1 {
             self.note_version(account, next);
             return Ok(next);
@@ -509,7 +588,7 @@ impl TokenStore for PgStore {
                     &[&account, &owner, &epoch],
                 )
                 .await
-                .map_err(|e| self.error("save", e))?
+                .map_err(|e| self.error("save", detail(&e)))?
                 .get(0);
             if !holds {
                 return Err(SaveError::LeaseLost);
@@ -527,11 +606,11 @@ impl TokenStore for PgStore {
             let row = client
                 .query_opt(TAKE_LEASE, &[&account, &owner, &ttl.as_secs_f64()])
                 .await
-                .map_err(|e| self.error("lease", e))?;
+                .map_err(|e| self.error("lease", detail(&e)))?;
             if let Some(row) = row {
                 let (epoch, took_over): (i64, bool) = (row.get(0), row.get(1));
                 if took_over {
-                    if let Some(m) = &self.inner.metrics {
+                    if let Some(m) = &self.inner.connector.metrics {
                         m.lease_takeovers.with_label_values(&[account]).inc();
                     }
                     warn!(account, "took over a refresh lease that expired unreleased (its holder died or stalled)");
@@ -568,7 +647,7 @@ impl TokenStore for PgStore {
                     &[&lease.account, &lease.owner, &epoch],
                 )
                 .await
-                .map_err(|e| self.error("release", e))
+                .map_err(|e| self.error("release", detail(&e)))
         }
         .await;
         // Not fatal: the lease runs out by itself.
@@ -595,12 +674,12 @@ impl TokenStore for PgStore {
             .clone()
         {
             return Err(StoreError {
-                place: self.inner.place.clone(),
+                place: self.place().to_owned(),
                 message: why,
             });
         }
         let version = self.schema_version().await?;
-        Ok(format!("{}, schema version {version}", self.inner.place))
+        Ok(format!("{}, schema version {version}", self.place()))
     }
 }
 
@@ -613,7 +692,7 @@ impl PendingFlows for PgStore {
             .inner
             .sealer
             .seal(&format!(".pending-{key}"), flow)
-            .map_err(|why| self.error("put flow", why))?;
+            .map_err(|why| self.error("put_flow", why))?;
         self.client()
             .await?
             .execute(
@@ -622,7 +701,7 @@ impl PendingFlows for PgStore {
                 &[&key, &sealed],
             )
             .await
-            .map_err(|e| self.error("put flow", e))?;
+            .map_err(|e| self.error("put_flow", detail(&e)))?;
         Ok(())
     }
 
@@ -632,7 +711,7 @@ impl PendingFlows for PgStore {
             .await?
             .query_opt("SELECT sealed FROM mailgate_flows WHERE key = $1", &[&key])
             .await
-            .map_err(|e| self.error("get flow", e))?;
+            .map_err(|e| self.error("get_flow", detail(&e)))?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -640,25 +719,31 @@ impl PendingFlows for PgStore {
             .sealer
             .open(&format!(".pending-{key}"), row.get(0))
             .map(Some)
-            .map_err(|why| self.error("get flow", format!("damaged ({why})")))
+            .map_err(|why| self.error("get_flow", format!("damaged ({why})")))
     }
 
     async fn remove(&self, key: &str) {
         if let Ok(client) = self.client().await {
-            let _ = client
+            if let Err(e) = client
                 .execute("DELETE FROM mailgate_flows WHERE key = $1", &[&key])
-                .await;
+                .await
+            {
+                warn!(error = %self.error("remove_flow", detail(&e)), "can't forget a pending flow");
+            }
         }
     }
 
     async fn sweep(&self, age: Duration) {
         if let Ok(client) = self.client().await {
-            let _ = client
+            if let Err(e) = client
                 .execute(
                     "DELETE FROM mailgate_flows WHERE created_at < now() - make_interval(secs => $1)",
                     &[&age.as_secs_f64()],
                 )
-                .await;
+                .await
+            {
+                warn!(error = %self.error("sweep_flows", detail(&e)), "can't sweep old pending flows");
+            }
         }
     }
 }
