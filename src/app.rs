@@ -97,9 +97,16 @@ impl Running {
         config.limits = running.limits;
         config.listeners = running.listeners.clone();
         config.hostname = running.hostname.clone();
-        if config.state_dir != running.state_dir || config.store_key != running.store_key {
-            warn!("state_dir or the store key changed: the token store stays as it started until the next restart");
+        if config.state_dir != running.state_dir
+            || config.store_key != running.store_key
+            || config.store != running.store
+        {
+            warn!("state_dir, [store] or the store key changed: the token store stays as it started until the next restart");
         }
+        // The store was opened once at start; the running config names it.
+        config.state_dir = running.state_dir.clone();
+        config.store_key = running.store_key.clone();
+        config.store = running.store.clone();
         // Accounts were checked against the file's listeners; the running
         // ones are what they will be served on.
         for account in config.accounts.values() {

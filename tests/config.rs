@@ -63,7 +63,8 @@ fn every_example_config_parses() {
                 std::fs::write(&secret, "s\n").unwrap();
                 let text = text
                     .replace("/etc/mailgate/m365-app.secret", secret.to_str().unwrap())
-                    .replace("/etc/mailgate/corp.secret", secret.to_str().unwrap());
+                    .replace("/etc/mailgate/corp.secret", secret.to_str().unwrap())
+                    .replace("/etc/mailgate/db-password", secret.to_str().unwrap());
                 // Certificate files named by the examples, made here.
                 let generated =
                     rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -77,7 +78,8 @@ fn every_example_config_parses() {
                     .replace("/etc/mailgate/fullchain.pem", cert.to_str().unwrap())
                     .replace("/etc/mailgate/privkey.pem", key.to_str().unwrap())
                     .replace("/etc/mailgate/m365-app.pem", cert.to_str().unwrap())
-                    .replace("/etc/mailgate/m365-app.key", key.to_str().unwrap());
+                    .replace("/etc/mailgate/m365-app.key", key.to_str().unwrap())
+                    .replace("/etc/mailgate/db-ca.pem", cert.to_str().unwrap());
                 let config = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
                 assert!(!config.listeners.is_empty());
                 Ok(())
@@ -86,8 +88,8 @@ fn every_example_config_parses() {
         }
     }
     assert!(
-        count >= 4,
-        "expected the Google, Microsoft, Microsoft app-only and custom examples in {}",
+        count >= 5,
+        "expected the Google, Microsoft, Microsoft app-only, custom and cluster examples in {}",
         dir.display()
     );
 }

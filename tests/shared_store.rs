@@ -44,6 +44,7 @@ fn record(refresh: &str, access: &str) -> Record {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_versions_leases_and_flows_through_one_database() {
+    let _shared = DATABASE.read().await;
     let db = fresh_database().await;
     let a = PgStore::open(&settings(&db), &key("11"), None)
         .await
@@ -200,6 +201,7 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_newer_than_this_mailgate_is_refused_and_nothing_is_touched() {
+    let _shared = DATABASE.read().await;
     let db = fresh_database().await;
     drop(
         PgStore::open(&settings(&db), &key("33"), None)
@@ -848,4 +850,77 @@ async fn store_copy_moves_the_file_store_into_postgres_once_and_never_over_newer
             .last_refresh,
         now + 100
     );
+}
+
+/// A token endpoint in front of the real one that holds each request until
+/// `gate` opens, then forwards it (a fault: the database going away while
+/// the provider is answering).
+async fn gated_token_endpoint() -> (String, Arc<tokio::sync::Notify>) {
+    let real = url::Url::parse(&harness().oauth_token_url).unwrap();
+    let upstream = format!("{}:{}", real.host_str().unwrap(), real.port().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}{}", listener.local_addr().unwrap(), real.path());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let open = gate.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (open, upstream) = (open.clone(), upstream.clone());
+            tokio::spawn(async move {
+                open.notified().await;
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (url, gate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_answered_while_the_database_is_away_survive_a_crash_in_the_local_spool() {
+    let _exclusive = DATABASE.write().await;
+    harness().seed("spooled@example.test");
+    let account = Account::authorized("spooled", "spooled@example.test");
+    let (url, gate) = gated_token_endpoint().await;
+    let cluster = Cluster::new().await;
+    let gated = Account {
+        token_url: Some(url),
+        ..account.clone()
+    };
+    let mut a = Process::start_options(&[gated], &cluster.options("", None)).await;
+    // The refresh is under way (lease taken, request sent) when the
+    // database goes; then the provider answers, rotating the refresh token.
+    let login = tokio::spawn({
+        let (address, account) = (a.imaps, account.clone());
+        async move { imap_login(address, &account).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::pg_control("stop");
+    gate.notify_one();
+    let reply = login.await.unwrap();
+    assert!(
+        reply.starts_with("a NO [UNAVAILABLE]"),
+        "{reply}\n{}",
+        a.log()
+    );
+    // A crash before the database is back.
+    support::pg_control("start");
+    a.restart().await;
+    // The rotated tokens were kept on local disk and are saved at the first
+    // load: the grant is intact (its old refresh token was spent, and
+    // presenting it would have revoked it).
+    let reply = imap_login(a.imaps, &account).await;
+    assert!(reply.starts_with("a OK"), "{reply}\n{}", a.log());
+    assert!(a
+        .log()
+        .contains("saved tokens that a crash or a store outage had left in the local spool"));
+    let store = PgStore::open(
+        &settings(&cluster.db),
+        &KeySource::File(cluster.dir.path().join("shared.key")),
+        None,
+    )
+    .await
+    .unwrap();
+    let record = store.load("spooled").await.unwrap().unwrap().record;
+    assert_ne!(record.refresh_token, account.refresh_token);
+    assert!(record.needs_authorization.is_none());
 }

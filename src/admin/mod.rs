@@ -73,11 +73,14 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     response
 }
 
-/// Ready when the listeners are bound (they are, or this wouldn't answer)
-/// and every account's token record is readable. Lists the accounts that
+/// Ready when the listeners are bound (they are, or this wouldn't answer),
+/// the token store is reachable and every account's token record is
+/// readable. Lists the accounts that
 /// need authorization; they don't make the gateway unready.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let statuses = s.services.get().tokens.statuses().await;
+    let tokens = s.services.get().tokens.clone();
+    let store = tokens.store_check().await;
+    let statuses = tokens.statuses().await;
     let unreadable: Vec<&String> = statuses
         .iter()
         .filter_map(|(_, status)| status.store_error.as_ref())
@@ -91,8 +94,12 @@ async fn readyz(State(s): State<AdminState>) -> Response {
             )
         })
         .collect();
-    let ready = unreadable.is_empty();
-    let body = serde_json::json!({"ready": ready, "token_store_errors": unreadable, "needs_authorization": needs});
+    let ready = unreadable.is_empty() && store.is_ok();
+    let store = match store {
+        Ok(what) => serde_json::json!({"ok": true, "store": what}),
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    let body = serde_json::json!({"ready": ready, "token_store": store, "token_store_errors": unreadable, "needs_authorization": needs});
     let status = if ready {
         StatusCode::OK
     } else {

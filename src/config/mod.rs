@@ -130,8 +130,9 @@ pub struct PostgresSettings {
     /// The connection URL or key=value string, without a password.
     pub url: String,
     pub password: Option<PasswordSource>,
-    /// CA certificates that the server's certificate must chain to; the
-    /// system's web roots when unset. TLS is always on and verified.
+    /// CA certificates that the server's certificate may chain to, beside
+    /// the bundled web roots (webpki-roots). TLS is always on, and the
+    /// certificate must name the host.
     pub ca_file: Option<PathBuf>,
     /// How often each instance looks for records that another one saved.
     pub poll_interval: Duration,

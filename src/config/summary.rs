@@ -34,9 +34,10 @@ impl Config {
                             format!("from {}", super::STORE_PASSWORD_ENV),
                         None => "none".into(),
                     },
-                    p.ca_file
-                        .as_ref()
-                        .map_or_else(|| "web roots".into(), |f| f.display().to_string())
+                    p.ca_file.as_ref().map_or_else(
+                        || "the web roots".into(),
+                        |f| format!("{} and the web roots", f.display())
+                    )
                 ),
             }
         );
