@@ -854,25 +854,44 @@ async fn store_copy_moves_the_file_store_into_postgres_once_and_never_over_newer
 
 /// A token endpoint in front of the real one that holds each request until
 /// `gate` opens, then forwards it (a fault: the database going away while
-/// the provider is answering).
-async fn gated_token_endpoint() -> (String, Arc<tokio::sync::Notify>) {
+/// the provider is answering, or a slow provider). What the provider
+/// answered is kept in the returned buffer.
+async fn gated_token_endpoint() -> (
+    String,
+    Arc<tokio::sync::Notify>,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let real = url::Url::parse(&harness().oauth_token_url).unwrap();
     let upstream = format!("{}:{}", real.host_str().unwrap(), real.port().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}{}", listener.local_addr().unwrap(), real.path());
     let gate = Arc::new(tokio::sync::Notify::new());
-    let open = gate.clone();
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (open, seen) = (gate.clone(), answers.clone());
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (open, upstream) = (open.clone(), upstream.clone());
+        while let Ok((client, _)) = listener.accept().await {
+            let (open, upstream, seen) = (open.clone(), upstream.clone(), seen.clone());
             tokio::spawn(async move {
                 open.notified().await;
-                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 || client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+                up.abort();
             });
         }
     });
-    (url, gate)
+    (url, gate, answers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -880,7 +899,7 @@ async fn tokens_answered_while_the_database_is_away_survive_a_crash_in_the_local
     let _exclusive = DATABASE.write().await;
     harness().seed("spooled@example.test");
     let account = Account::authorized("spooled", "spooled@example.test");
-    let (url, gate) = gated_token_endpoint().await;
+    let (url, gate, _) = gated_token_endpoint().await;
     let cluster = Cluster::new().await;
     let gated = Account {
         token_url: Some(url),
@@ -923,4 +942,69 @@ async fn tokens_answered_while_the_database_is_away_survive_a_crash_in_the_local
     let record = store.load("spooled").await.unwrap().unwrap().record;
     assert_ne!(record.refresh_token, account.refresh_token);
     assert!(record.needs_authorization.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_on_any_instance_wins_against_a_refresh_in_flight() {
+    use std::io::Write as _;
+    use support::cli::{browser, start_authorize, wait};
+    let _shared = DATABASE.read().await;
+    harness().seed("winner@example.test");
+    let account = Account::authorized("winner", "winner@example.test");
+    let (url, gate, answers) = gated_token_endpoint().await;
+    let cluster = Cluster::new().await;
+    let slow = Account {
+        token_url: Some(url),
+        ..account.clone()
+    };
+    let a = Process::start_options(&[slow], &cluster.options("", None)).await;
+    // A refreshes: it holds the lease, its request held at the provider.
+    let login = tokio::spawn({
+        let (address, account) = (a.imaps, account.clone());
+        async move { imap_login(address, &account).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The admin authorizes the account again, on another instance's config.
+    let config_b = instance_config(
+        &cluster,
+        "b",
+        &[account.clone()],
+        support::free_port(),
+        support::free_port(),
+    );
+    let (mut child, url) = start_authorize(&config_b, "winner", &["--paste"]).await;
+    let redirected = browser(url, "winner@example.test").await;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{redirected}").unwrap();
+    drop(stdin);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Now the provider answers A's refresh, which A saves under its lease;
+    // the authorization, waiting for that lease, is saved after it.
+    gate.notify_one();
+    let (ok, stderr) = wait(child).await;
+    assert!(ok, "authorize failed: {stderr}");
+    assert!(login.await.unwrap().starts_with("a OK"));
+    let answered = String::from_utf8_lossy(&answers.lock().unwrap()).into_owned();
+    let refreshed = answered
+        .split("\"refresh_token\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("A's refresh was answered with a refresh token")
+        .to_owned();
+    let store = PgStore::open(
+        &settings(&cluster.db),
+        &KeySource::File(cluster.dir.path().join("shared.key")),
+        None,
+    )
+    .await
+    .unwrap();
+    let record = store.load("winner").await.unwrap().unwrap().record;
+    let stored = record.refresh_token.unwrap();
+    assert_ne!(
+        stored, refreshed,
+        "the refresh in flight overwrote the authorization"
+    );
+    assert_ne!(Some(stored), account.refresh_token);
+    // A uses the authorization's tokens.
+    assert!(imap_login(a.imaps, &account).await.starts_with("a OK"));
 }
