@@ -2,7 +2,11 @@
 //! with the harness CA, SCRAM): the store contract as two instances see it
 //! (versions, compare-and-save, leases timed by the database, fencing),
 //! sealing, migrations, and pending flows.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs
+)]
 
 mod support;
 

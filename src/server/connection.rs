@@ -162,14 +162,11 @@ pub async fn serve(
             gateway: &gateway,
             protocol,
             shutdown,
+            refuse_headers,
         };
         let session = (protocol.new_session)(gateway.session_options(protocol, tls));
         let result = match header {
-            Ok(()) => {
-                connection
-                    .run(tcp, peer.ip(), tls, refuse_headers, session)
-                    .await
-            }
+            Ok(()) => connection.run(tcp, peer.ip(), tls, session).await,
             Err(e) => Err(Refused::from(Closed::from(e))),
         };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -246,25 +243,26 @@ struct Connection<'a> {
     gateway: &'a Arc<Gateway>,
     protocol: Protocol,
     shutdown: watch::Receiver<bool>,
+    /// Close a connection that starts with a PROXY header (the listener
+    /// trusts balancers, and this peer is not one).
+    refuse_headers: bool,
 }
 
 impl Connection<'_> {
     /// `address` is the client's (from the PROXY header behind a
-    /// balancer); with `refuse_headers`, a connection that starts with a
-    /// PROXY header is closed.
+    /// balancer).
     async fn run(
         mut self,
         tcp: TcpStream,
         address: std::net::IpAddr,
         tls: ListenerTls,
-        refuse_headers: bool,
         mut session: Box<dyn ClientSession + Send>,
     ) -> Result<Relayed, Refused> {
         let limits = self.gateway.limits();
         let _ = tcp.set_nodelay(true);
         // The client speaks first under implicit TLS: look before the
         // handshake. Otherwise the first bytes read are checked below.
-        if refuse_headers && tls == ListenerTls::Implicit {
+        if self.refuse_headers && tls == ListenerTls::Implicit {
             let mut first = [0u8; 12];
             if let Ok(Ok(n)) = timeout(limits.tls_handshake_timeout, tcp.peek(&mut first)).await {
                 if proxy_header::is_header(&first[..n]) {
@@ -294,7 +292,6 @@ impl Connection<'_> {
             address,
             pre_login,
             &mut login_failure,
-            refuse_headers && tls != ListenerTls::Implicit,
         ))
         .await;
         let refused = |closed| Refused {
@@ -327,8 +324,10 @@ impl Connection<'_> {
         address: std::net::IpAddr,
         mut pre_login: Option<super::admission::PreLogin>,
         login_failure: &mut Option<ErrorKind>,
-        mut refuse_headers: bool,
     ) -> Result<(String, LoggedIn, bytes::Bytes), Closed> {
+        // Under implicit TLS the first bytes were looked at before the
+        // handshake.
+        let mut refuse_headers = self.refuse_headers && !client.is_tls();
         let mut buf = BytesMut::with_capacity(4096);
         let mut upstream: Option<(String, LoggedIn)> = None;
         loop {

@@ -33,6 +33,11 @@ impl<T> Stream<T> {
         }
     }
 
+    /// Whether TLS is up.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
     /// Takes the TCP stream out for an upgrade, leaving `Taken` behind.
     pub fn take_plain(&mut self) -> Option<TcpStream> {
         std::mem::replace(self, Self::Taken).into_plain()
