@@ -774,7 +774,9 @@ async fn pgstore(account: &Account, results: &mut Results) {
     let token = grant.access_token.as_str();
     let db = support::fresh_database().await;
     let key = tempfile::tempdir().unwrap();
-    let top = support::pg_store_toml(&db, &key.path().join("token.key"));
+    // Default settings: the tests' short poll interval is taken out.
+    let top = support::pg_store_toml(&db, &key.path().join("token.key"))
+        .replace("poll_interval = \"200ms\"\n", "");
     let gateway = Gateway::start_top(std::slice::from_ref(account), &[], &top);
     // Warm up: the first login refreshes and saves to the database.
     drop(imap_login(Some(&gateway), account, token).await);
