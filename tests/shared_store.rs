@@ -1012,3 +1012,80 @@ async fn authorize_on_any_instance_wins_against_a_refresh_in_flight() {
     // A uses the authorization's tokens.
     assert!(imap_login(a.imaps, &account).await.starts_with("a OK"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_says_whether_the_database_is_reachable_and_never_shows_its_password() {
+    use support::cli::mailgate;
+    let _shared = DATABASE.read().await;
+    let h = harness();
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let write = |top: String| {
+        let options = Options {
+            top,
+            ..Options::default()
+        };
+        let config = dir.path().join("mailgate.toml");
+        std::fs::write(&config, support::config_toml(dir.path(), &[], &options)).unwrap();
+        config
+    };
+    let key = dir.path().join("token.key");
+    let check = |config: &std::path::Path| {
+        let out = mailgate(config).arg("check-config").output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let password = std::fs::read_to_string(&h.pg_password_file).unwrap();
+    let config = write(support::pg_store_toml(&db, &key));
+    let (ok, text) = check(&config);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("store: reachable; no mailgate tables yet"),
+        "{text}"
+    );
+    // check-config creates nothing: neither tables nor the key.
+    assert!(!key.exists());
+    drop(
+        PgStore::open(&settings(&db), &KeySource::File(key.clone()), None)
+            .await
+            .unwrap(),
+    );
+    let (ok, text) = check(&config);
+    assert!(
+        ok && text.contains("store: reachable, schema version 1"),
+        "{text}"
+    );
+    assert!(!text.contains(password.trim()), "{text}");
+    // The password from the environment is not shown either.
+    let out = mailgate(&config)
+        .arg("check-config")
+        .env("MAILGATE_STORE_PASSWORD", password.trim())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("password from MAILGATE_STORE_PASSWORD"),
+        "{text}"
+    );
+    assert!(!text.contains(password.trim()), "{text}");
+    // A database that isn't there fails the check, saying so.
+    let closed = support::free_port();
+    let config = write(
+        support::pg_store_toml(&db, &key)
+            .replace(&format!(":{}/", h.pg_port), &format!(":{closed}/")),
+    );
+    let (ok, text) = check(&config);
+    assert!(!ok && text.contains("store unreachable"), "{text}");
+    // A password in the URL is refused, and not repeated.
+    let config = write(support::pg_store_toml(&db, &key).replace(
+        &format!("{}@", h.pg_user),
+        &format!("{}:{}@", h.pg_user, password.trim()),
+    ));
+    let (ok, text) = check(&config);
+    assert!(!ok && text.contains("must not hold the password"), "{text}");
+    assert!(!text.contains(password.trim()), "{text}");
+}
