@@ -259,16 +259,6 @@ impl Cluster {
             ..Options::default()
         }
     }
-
-    /// An instance in this process, with a state directory of its own.
-    async fn gateway(&self, accounts: &[Account], oauth: &str) -> Gateway {
-        Gateway::start_options(
-            tempfile::tempdir().unwrap(),
-            accounts,
-            &self.options(oauth, None),
-        )
-        .await
-    }
 }
 
 async fn imap_login(address: std::net::SocketAddr, account: &Account) -> String {
@@ -289,31 +279,73 @@ fn token_requests(gateways: &[&Gateway], outcome: Option<&str>) -> f64 {
         .sum()
 }
 
+/// `n` mailgate processes on the cluster's database, behind a real HAProxy
+/// (`name`) that sends them PROXY v2 headers; returns them and the
+/// balancer's IMAPS address.
+async fn behind_haproxy(
+    cluster: &Cluster,
+    name: &str,
+    account: &Account,
+    n: usize,
+) -> (Vec<Process>, std::net::SocketAddr) {
+    let mut processes = Vec::new();
+    for _ in 0..n {
+        let options = Options {
+            proxy_protocol_from: Some("[\"127.0.0.1/32\"]".into()),
+            ..cluster.options("", Some(support::free_port()))
+        };
+        processes.push(Process::start_options(std::slice::from_ref(account), &options).await);
+    }
+    let servers: Vec<_> = processes.iter().map(|p| p.imaps).collect();
+    let port = support::start_balancer(name, &servers, "v2");
+    (
+        processes,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+}
+
+/// Token requests summed over `processes` (with `outcome`, if given).
+async fn requests_of(processes: &[Process], outcome: Option<&str>) -> f64 {
+    let label = outcome.map(|o| format!("outcome=\"{o}\""));
+    let labels: Vec<&str> = label.iter().map(String::as_str).collect();
+    let mut sum = 0.0;
+    for p in processes {
+        sum += metric_sum(
+            &p.metrics_text().await,
+            "mailgate_token_requests_total",
+            &labels,
+        );
+    }
+    sum
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_cold_logins_over_three_instances_make_one_token_request() {
+async fn two_hundred_cold_logins_through_haproxy_over_three_instances_make_one_token_request() {
     let _shared = DATABASE.read().await;
     harness().seed("cluster-cold@example.test");
     let account = Account::authorized("cold", "cluster-cold@example.test");
     let cluster = Cluster::new().await;
-    let mut gateways = Vec::new();
-    for _ in 0..3 {
-        gateways.push(cluster.gateway(&[account.clone()], "").await);
-    }
-    let addresses: Vec<_> = gateways.iter().map(|g| g.imaps).collect();
+    let (processes, balancer) = behind_haproxy(&cluster, "cold", &account, 3).await;
     let mut logins = tokio::task::JoinSet::new();
-    for i in 0..200 {
-        let (address, account) = (addresses[i % 3], account.clone());
-        logins.spawn(async move { imap_login(address, &account).await });
+    for _ in 0..200 {
+        let account = account.clone();
+        logins.spawn(async move { imap_login(balancer, &account).await });
     }
     while let Some(reply) = logins.join_next().await {
         let reply = reply.unwrap();
         assert!(reply.starts_with("a OK"), "{reply}");
     }
-    let all: Vec<&Gateway> = gateways.iter().collect();
-    assert_eq!(token_requests(&all, None), 1.0);
-    for g in gateways {
-        g.stop().await;
+    assert_eq!(requests_of(&processes, None).await, 1.0);
+    // The balancer spread them: every instance served logins.
+    for p in &processes {
+        let served = metric_sum(
+            &p.metrics_text().await,
+            "mailgate_logins_total",
+            &["outcome=\"ok\""],
+        );
+        assert!(served > 0.0, "an instance served no login");
     }
+    support::stop_balancer("cold");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,38 +355,28 @@ async fn refreshes_over_many_cycles_equal_the_rotations_and_the_grant_survives()
     h.seed("cluster-cycles@example.test");
     // Access tokens live 5 seconds; every refresh rotates the refresh
     // token, and presenting a spent one revokes the whole grant.
-    let grant = h.authorize(support::SHORT_CLIENT, "cluster-cycles@example.test");
-    let account = Account {
-        client: support::SHORT_CLIENT,
-        refresh_token: Some(grant.refresh_token),
-        ..Account::authorized_without_grant("cycles", "cluster-cycles@example.test")
-    };
+    let account = short_lived("cycles", "cluster-cycles@example.test");
     let cluster = Cluster::new().await;
-    let (a, b) = (
-        cluster.gateway(&[account.clone()], "").await,
-        cluster.gateway(&[account.clone()], "").await,
-    );
+    let (processes, balancer) = behind_haproxy(&cluster, "cycles", &account, 2).await;
     // 20 s: at least six generations of 5-second tokens, refreshed by both
-    // instances' refreshers and by logins on both.
+    // instances' refreshers and by logins on both (round robin).
     let until = std::time::Instant::now() + Duration::from_secs(20);
     let mut turn = 0;
     while std::time::Instant::now() < until {
-        let address = if turn % 2 == 0 { a.imaps } else { b.imaps };
-        let reply = imap_login(address, &account).await;
+        let reply = imap_login(balancer, &account).await;
         assert!(reply.starts_with("a OK"), "login {turn}: {reply}");
         turn += 1;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    let both = [&a, &b];
-    let requests = token_requests(&both, None);
-    let rotations = token_requests(&both, Some("ok"));
+    let requests = requests_of(&processes, None).await;
+    let rotations = requests_of(&processes, Some("ok")).await;
     assert!(rotations >= 6.0, "only {rotations} refreshes in 20 s");
     assert_eq!(
         requests, rotations,
         "a refresh request failed: a spent refresh token was presented"
     );
-    for g in both {
-        let text = g.metrics_text();
+    for p in &processes {
+        let text = p.metrics_text().await;
         assert_eq!(
             metric_sum(&text, "mailgate_account_needs_authorization", &[]),
             0.0
@@ -364,8 +386,7 @@ async fn refreshes_over_many_cycles_equal_the_rotations_and_the_grant_survives()
             0.0
         );
     }
-    a.stop().await;
-    b.stop().await;
+    support::stop_balancer("cycles");
 }
 
 /// Whether a login succeeds within `wait`, trying every 200 ms.
