@@ -22,9 +22,11 @@ const EXIT_CONFIG: u8 = 64;
 )]
 struct Cli {
     /// The config file.
+    /// Accepted before or after the command (`mailgate status --config F`).
     #[arg(
         short,
         long,
+        global = true,
         env = "MAILGATE_CONFIG",
         default_value = "/etc/mailgate/mailgate.toml"
     )]

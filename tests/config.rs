@@ -289,6 +289,29 @@ fn check_config_exits_64_naming_the_key() {
 }
 
 #[test]
+fn config_is_accepted_after_the_command_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, base("")).unwrap();
+    for args in [
+        ["check-config", "--config", good.to_str().unwrap()],
+        ["check-config", "-c", good.to_str().unwrap()],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .args(args)
+            .env_remove("MAILGATE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("config OK"));
+    }
+}
+
+#[test]
 fn hash_password_reads_stdin_and_makes_a_verifiable_argon2id_hash() {
     use std::io::Write as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))

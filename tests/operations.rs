@@ -350,3 +350,61 @@ async fn sigterm_says_goodbye_and_lets_relayed_sessions_finish() {
     drop(relayed);
     assert_eq!(process.exit_code().await, Some(0));
 }
+
+/// The established TCP connections of process `pid` with `filter` (an
+/// `ss` expression), as `ss` shows them with their timers.
+fn sockets(pid: u32, filter: &str) -> Vec<String> {
+    let out = Command::new("ss")
+        .args(["-tnopH", "state", "established"])
+        .arg(filter)
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Both legs of a relayed session carry TCP keepalive by default (NATs
+/// and Azure's load balancer drop flows idle for 4 minutes), and
+/// `limits.tcp_keepalive = "0s"` turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_sessions_keep_both_legs_alive() {
+    let h = harness();
+    h.seed("keepalive@example.test");
+    for (limits, wanted) in [("", true), ("tcp_keepalive = \"0s\"", false)] {
+        // A grant each: the first process rotates its refresh token.
+        let account = Account::authorized("keepalive", "keepalive@example.test");
+        let options = Options {
+            limits: format!("upstream_spare_for = \"0s\"\n{limits}"),
+            ..Options::default()
+        };
+        let mut process = Process::start_options(&[account.clone()], &options).await;
+        let pid = process.child.id();
+        let (mut c, reply) = login(process.imaps, &account, "a").await;
+        assert!(reply.starts_with("a OK"), "{reply}");
+        // `ss` shows one timer: wait until no retransmission timer hides
+        // the keepalive one (the last bytes acknowledged).
+        let settled = |filter: String| async move {
+            for _ in 0..50 {
+                let legs = sockets(pid, &filter);
+                if legs.iter().all(|l| !l.contains("timer:(on,")) {
+                    return legs;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sockets(pid, &filter)
+        };
+        let client_leg = settled(format!("( sport = :{} )", process.imaps.port())).await;
+        let upstream_leg = settled(format!("( dport = :{} )", h.imaps_port)).await;
+        assert_eq!(client_leg.len(), 1, "{client_leg:?}");
+        assert_eq!(upstream_leg.len(), 1, "{upstream_leg:?}");
+        for leg in [&client_leg[0], &upstream_leg[0]] {
+            assert_eq!(leg.contains("timer:(keepalive,"), wanted, "{leg}");
+        }
+        drop(c);
+        process.signal("KILL");
+        let _ = process.exit_code().await;
+    }
+}

@@ -142,6 +142,8 @@ pub struct Limits {
     pub upstream_session_wait: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub proxy_header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_keepalive: Option<Duration>,
     #[serde(flatten)]
     pub per_protocol: PerProtocol,
 }

@@ -41,7 +41,14 @@ pub struct Limits {
     /// How long a connection from a trusted load balancer may take to send
     /// its PROXY protocol header.
     pub proxy_header_timeout: Duration,
+    /// TCP keepalive on client and upstream connections: how long a
+    /// connection is idle before the first probe; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
 }
+
+/// Under the 4 minutes after which Azure's load balancer (and many NATs)
+/// drop an idle flow, which would end an IMAP IDLE session silently.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// A balancer sends its PROXY header with the connection's first packet.
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -215,6 +222,13 @@ pub(super) fn limits(l: &raw::Limits) -> Result<Limits, ConfigError> {
             DEFAULT_PROXY_HEADER_TIMEOUT,
             true,
         )?,
+        tcp_keepalive: Some(bounded(
+            "limits.tcp_keepalive",
+            l.tcp_keepalive,
+            DEFAULT_TCP_KEEPALIVE,
+            false,
+        )?)
+        .filter(|idle| !idle.is_zero()),
     })
 }
 

@@ -260,6 +260,7 @@ impl Connection<'_> {
     ) -> Result<Relayed, Refused> {
         let limits = self.gateway.limits();
         let _ = tcp.set_nodelay(true);
+        let _ = super::set_keepalive(&tcp, limits.tcp_keepalive);
         // The client speaks first under implicit TLS: look before the
         // handshake. Otherwise the first bytes read are checked below.
         if self.refuse_headers && tls == ListenerTls::Implicit {

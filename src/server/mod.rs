@@ -75,7 +75,7 @@ impl Gateway {
                 limits.login_failure_delay,
                 limits.login_failure_max_delay,
             )),
-            spares: Spares::new(limits.upstream_spare_for),
+            spares: Spares::new(limits.upstream_spare_for, limits.tcp_keepalive),
             hostname,
             learned: Mutex::default(),
             slots: Mutex::default(),
@@ -256,7 +256,7 @@ impl Gateway {
         let label = [protocol.name];
         let dial = || async {
             let started = tokio::time::Instant::now();
-            let connected = upstream::connect(server, connector).await?;
+            let connected = upstream::connect(server, connector, self.limits.tcp_keepalive).await?;
             self.metrics
                 .upstream_connect_seconds
                 .with_label_values(&label)
@@ -436,6 +436,27 @@ fn upstream_failure(account: &Account, e: UpstreamError) -> LoginError {
         _ => (LoginFailure::Unavailable, ErrorKind::UpstreamUnavailable),
     };
     LoginError::new(failure, kind)
+}
+
+/// Turns TCP keepalive on for `tcp`: the first probe after `idle` without
+/// traffic, then every 15 s, 4 times, before the connection counts as dead.
+/// Keeps NATs and load balancers from dropping an idle session's flow, and
+/// finds a peer that vanished.
+///
+/// # Errors
+/// When the socket option can't be set.
+pub fn set_keepalive(
+    tcp: &tokio::net::TcpStream,
+    idle: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    let Some(idle) = idle else {
+        return Ok(());
+    };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(std::time::Duration::from_secs(15))
+        .with_retries(4);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
 /// A bound listener.

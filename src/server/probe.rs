@@ -61,7 +61,7 @@ pub async fn test_account(
             continue;
         };
         let started = Instant::now();
-        let connected = tokio::time::timeout(timeout, upstream::connect(server, connector))
+        let connected = tokio::time::timeout(timeout, upstream::connect(server, connector, None))
             .await
             .unwrap_or(Err(UpstreamError::Timeout));
         let connected = match connected {

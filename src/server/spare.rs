@@ -26,6 +26,8 @@ use crate::config::UpstreamServer;
 /// The gateway's spares; a reload clears them (`Gateway::forget_spares`).
 pub struct Spares {
     keep_for: Duration,
+    /// TCP keepalive of the spares' sockets (`limits.tcp_keepalive`).
+    keepalive: Option<Duration>,
     slots: Mutex<HashMap<String, Slot>>,
 }
 
@@ -43,9 +45,10 @@ fn key(server: &UpstreamServer) -> String {
 
 impl Spares {
     /// Spares kept for `keep_for`; zero turns them off.
-    pub fn new(keep_for: Duration) -> Arc<Self> {
+    pub fn new(keep_for: Duration, keepalive: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
             keep_for,
+            keepalive,
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -85,8 +88,11 @@ impl Spares {
         }
         let (spares, server, connector) = (self.clone(), server.clone(), connector.clone());
         tokio::spawn(async move {
-            let dialled =
-                tokio::time::timeout(spares.keep_for, upstream::connect(&server, &connector)).await;
+            let dialled = tokio::time::timeout(
+                spares.keep_for,
+                upstream::connect(&server, &connector, spares.keepalive),
+            )
+            .await;
             let generation = {
                 let mut slots = spares.slots();
                 let slot = slots.entry(key.clone()).or_default();

@@ -73,6 +73,7 @@ pub struct Connected {
 pub async fn connect(
     server: &UpstreamServer,
     connector: &TlsConnector,
+    keepalive: Option<std::time::Duration>,
 ) -> Result<Connected, UpstreamError> {
     let address = format!("{}:{}", server.host, server.port);
     let name = ServerName::try_from(server.host.clone()).map_err(|e| {
@@ -85,6 +86,7 @@ pub async fn connect(
         .await
         .map_err(|e| UpstreamError::Connect(address.clone(), e))?;
     tcp.set_nodelay(true)?;
+    super::set_keepalive(&tcp, keepalive)?;
     let stream = match server.tls {
         UpstreamTls::Implicit => Stream::Tls(Box::new(
             connector
