@@ -382,7 +382,7 @@ async fn relayed_sessions_keep_both_legs_alive() {
         };
         let mut process = Process::start_options(&[account.clone()], &options).await;
         let pid = process.child.id();
-        let (mut c, reply) = login(process.imaps, &account, "a").await;
+        let (c, reply) = login(process.imaps, &account, "a").await;
         assert!(reply.starts_with("a OK"), "{reply}");
         // `ss` shows one timer: wait until no retransmission timer hides
         // the keepalive one (the last bytes acknowledged).

@@ -1110,3 +1110,75 @@ async fn check_config_says_whether_the_database_is_reachable_and_never_shows_its
     assert!(!ok && text.contains("must not hold the password"), "{text}");
     assert!(!text.contains(password.trim()), "{text}");
 }
+
+/// `invalid_grant` while another writer saved new tokens: the record is read
+/// again before the account is marked, and the new tokens serve the login.
+/// The token endpoint is a fake (the real one can't be timed against the
+/// save): it saves the other writer's record, then refuses the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_rereads_the_record_before_marking_the_account() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _shared = DATABASE.read().await;
+    let h = harness();
+    h.seed("reread@example.test");
+    let grant = h.authorize(support::CLIENT, "reread@example.test");
+    let cluster = Cluster::new().await;
+    let key = cluster.dir.path().join("shared.key");
+    let store = PgStore::open(&settings(&cluster.db), &KeySource::File(key), None)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let (store, requests) = (store.clone(), requests.clone());
+        let (access, refresh) = (grant.access_token.clone(), grant.refresh_token.clone());
+        async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                requests.fetch_add(1, Ordering::SeqCst);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let record = Record {
+                    refresh_token: Some(refresh.clone()),
+                    access_token: Some(access.clone()),
+                    obtained_at: now,
+                    expires_at: now + 3600,
+                    last_refresh: now,
+                    ..Record::default()
+                };
+                store
+                    .save("reread", &record, Version(0), None)
+                    .await
+                    .unwrap();
+                let body =
+                    r#"{"error":"invalid_grant","error_description":"refresh token already used"}"#;
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            }
+        }
+    });
+    let account = Account {
+        token_url: Some(url),
+        refresh_token: Some("spent-refresh-token".into()),
+        ..Account::authorized_without_grant("reread", "reread@example.test")
+    };
+    let gateway = Gateway::start_options(
+        tempfile::tempdir().unwrap(),
+        std::slice::from_ref(&account),
+        &cluster.options("refresh_in_background = false", None),
+    )
+    .await;
+    let reply = imap_login(gateway.imaps, &account).await;
+    assert!(reply.starts_with("a OK"), "{reply}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    let record = store.load("reread").await.unwrap().unwrap().record;
+    assert!(record.needs_authorization.is_none(), "{record:?}");
+    gateway.stop().await;
+}
