@@ -43,6 +43,15 @@ pub enum LoginOutcome {
 }
 
 impl LoginOutcome {
+    pub const ALL: [Self; 6] = [
+        Self::Ok,
+        Self::BadCredentials,
+        Self::Unavailable,
+        Self::NeedsAuthorization,
+        Self::InUse,
+        Self::SessionLimit,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -74,7 +83,32 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The `outcome` label of `mailgate_token_requests_total`.
+pub const TOKEN_OUTCOMES: [&str; 3] = ["ok", "transient", "needs_authorization"];
+
 impl Metrics {
+    /// Creates every series that a rule or a dashboard compares, at 0,
+    /// for each protocol served and each integration's grant: a series
+    /// that was never incremented doesn't exist, and a rule such as
+    /// "failures, and no success" would then hold for nothing.
+    pub fn export_zeroes<'a>(
+        &self,
+        protocols: impl IntoIterator<Item = &'a str>,
+        grants: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        for protocol in protocols {
+            for outcome in LoginOutcome::ALL {
+                self.logins.with_label_values(&[protocol, outcome.label()]);
+            }
+        }
+        for (integration, grant) in grants {
+            for outcome in TOKEN_OUTCOMES {
+                self.token_requests
+                    .with_label_values(&[integration, grant, outcome]);
+            }
+        }
+    }
+
     /// Counts a completed TLS handshake on `side` (`client`, `upstream`).
     pub fn count_handshake(&self, side: &str, kind: Option<rustls::HandshakeKind>) {
         let kind = match kind {
@@ -209,6 +243,38 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(metrics)
+    }
+
+    /// The name of every metric mailgate registers, whether or not it has
+    /// a series yet (a labelled metric shows in the exposition only once
+    /// it has one).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = [
+            &self.connections_accepted as &dyn prometheus::core::Collector,
+            &self.connections_active,
+            &self.logins,
+            &self.upstream_connect_seconds,
+            &self.upstream_login_seconds,
+            &self.token_requests,
+            &self.token_expiry_seconds,
+            &self.needs_authorization,
+            &self.relayed_bytes,
+            &self.tls_handshake_failures,
+            &self.tls_handshakes,
+            &self.password_checks,
+            &self.upstream_spares,
+            &self.client_secret_expiry_seconds,
+            &self.connections_closed,
+            &self.store_errors,
+            &self.lease_takeovers,
+            &self.stale_saves,
+        ]
+        .iter()
+        .flat_map(|c| c.desc())
+        .map(|d| d.fq_name.clone())
+        .collect();
+        names.sort();
+        names
     }
 
     /// The Prometheus text exposition.

@@ -181,6 +181,13 @@ impl Tokens {
             .use_preconfigured_tls(tls.clone())
             .build()
             .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
+        metrics.export_zeroes(
+            config.listeners.iter().map(|l| l.protocol.name),
+            config
+                .accounts
+                .values()
+                .map(|a| (a.integration.name.as_str(), a.grant.request_label())),
+        );
         let spool = match config.store {
             StoreBackend::File => None,
             StoreBackend::Postgres(_) => Some(FileStore::open(

@@ -507,6 +507,11 @@ impl Gateway {
             .unwrap_or(0.0)
     }
 
+    /// Every metric the gateway registers.
+    pub fn metric_names(&self) -> Vec<String> {
+        self.running.as_ref().expect("running").metrics().names()
+    }
+
     /// The Prometheus exposition of the gateway's metrics.
     pub fn metrics_text(&self) -> String {
         self.running.as_ref().expect("running").metrics().render()
