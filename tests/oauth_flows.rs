@@ -523,3 +523,76 @@ async fn kill_9_during_store_writes_leaves_a_readable_store() {
         .count();
     assert!(written > 0, "the gateway never wrote the store");
 }
+
+/// Microsoft's refusal, in the body its token endpoint sends, comes out in
+/// plain words with its code beside it, where the admin looks: the record
+/// (`status`, the page) and the notification hook's reason. The endpoint is
+/// a fake: the harness server can't send Microsoft's codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_codes_reach_status_and_the_hook_in_plain_words() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let body = r#"{"error":"invalid_grant","error_description":"AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2026-08-01T10:00:00.0000000Z and was inactive for 90.00:00:00.\r\nTrace ID: 0f4e9d2c\r\nCorrelation ID: 6a1b2c3d\r\nTimestamp: 2026-11-30 10:00:00Z","error_codes":[700082]}"#;
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tcp.write_all(answer.as_bytes()).await;
+        }
+    });
+    let marker = dir.path().join("notified");
+    let account = Account {
+        token_url: Some(url),
+        refresh_token: Some("an-old-refresh-token".into()),
+        ..Account::authorized_without_grant("inactive", "inactive@example.test")
+    };
+    let oauth = format!(
+        "notify_command = [\"/bin/sh\", \"-c\", \"echo \\\"$MAILGATE_REASON\\\" >> {}\"]",
+        marker.display()
+    );
+    let gateway = Gateway::start_options(
+        tempfile::tempdir().unwrap(),
+        &[account.clone()],
+        &Options {
+            oauth,
+            ..Options::default()
+        },
+    )
+    .await;
+    assert!(login(&gateway, &account)
+        .await
+        .starts_with("a NO [AUTHENTICATIONFAILED]"));
+    let why = gateway
+        .stored("inactive")
+        .unwrap()
+        .needs_authorization
+        .unwrap();
+    assert!(
+        why.starts_with("the refresh token expired after 90 days without use"),
+        "{why}"
+    );
+    assert!(
+        why.contains("(AADSTS700082). Fix: authorize the account again"),
+        "{why}"
+    );
+    assert!(why.contains("The provider said: invalid_grant: AADSTS700082: The refresh token has expired due to inactivity."), "{why}");
+    let mut notified = String::new();
+    for _ in 0..50 {
+        notified = std::fs::read_to_string(&marker).unwrap_or_default();
+        if !notified.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        notified.contains("90 days without use") && notified.contains("AADSTS700082"),
+        "{notified:?}"
+    );
+    gateway.stop().await;
+}

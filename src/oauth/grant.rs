@@ -315,10 +315,14 @@ pub fn classify(err: RequestTokenError<HttpError, BasicErrorResponse>) -> TokenE
     match err {
         RequestTokenError::ServerResponse(response) => {
             let code = response.error();
-            let message = match response.error_description() {
-                Some(d) => format!("{code}: {d}"),
-                None => code.to_string(),
-            };
+            let description = response.error_description().map(String::as_str);
+            let message =
+                super::explain::explain(&code.to_string(), description).unwrap_or_else(|| {
+                    match description {
+                        Some(d) => format!("{code}: {d}"),
+                        None => code.to_string(),
+                    }
+                });
             match code {
                 BasicErrorResponseType::Extension(e)
                     if e == "temporarily_unavailable" || e == "server_error" =>

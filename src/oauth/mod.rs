@@ -8,6 +8,7 @@
 //! refused one. The store behind it is the [`TokenStore`] interface; the
 //! wiring opens it once ([`open_store`]) and hands it in.
 
+pub mod explain;
 pub mod flow;
 pub mod grant;
 mod http;
