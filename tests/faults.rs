@@ -233,3 +233,79 @@ async fn malformed_and_non_bearer_token_responses_give_clear_answers() {
     assert!(record.needs_authorization.unwrap().contains("Bearer"));
     gateway.stop().await;
 }
+
+/// Microsoft's failure after a good login: an IMAP upstream that accepts
+/// any XOAUTH2 token, then answers every command `BAD User is
+/// authenticated but not connected.` (the real Dovecot can't).
+async fn not_connected_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let acceptor = tls_acceptor();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut tls = BufReader::new(tls);
+                let _ = tls
+                    .get_mut()
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] fake\r\n")
+                    .await;
+                let mut logged_in = false;
+                loop {
+                    let mut line = String::new();
+                    if tls.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
+                    let answer = if !logged_in {
+                        logged_in = true;
+                        format!("{tag} OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+                    } else if line.to_ascii_uppercase().contains("LOGOUT") {
+                        format!("* BYE\r\n{tag} OK LOGOUT completed\r\n")
+                    } else {
+                        format!("{tag} BAD User is authenticated but not connected.\r\n")
+                    };
+                    let _ = tls.get_mut().write_all(answer.as_bytes()).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Test connection goes one command past login, and names the likely
+/// causes of "authenticated but not connected" for the grant in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_connection_names_the_causes_of_authenticated_but_not_connected() {
+    use support::cli::{config_file, mailgate};
+    let upstream = not_connected_upstream().await.to_string();
+    let app = account("appnc", upstream.clone());
+    let delegated = Account {
+        upstream: (upstream, "implicit"),
+        ..Account::authorized("delegatednc", "delegated-nc@example.test")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), &[app, delegated], &Options::default());
+    for (name, cause) in [
+        ("appnc", "New-ServicePrincipal"),
+        ("delegatednc", "Full Access permission"),
+    ] {
+        let out = mailgate(&config).args(["test", name]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("ok    imap xoauth2 login"), "{text}");
+        let failed = text
+            .lines()
+            .find(|l| l.contains("FAIL  imap EXAMINE INBOX"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            failed.contains("User is authenticated but not connected"),
+            "{failed}"
+        );
+        assert!(failed.contains("the mailbox can't be opened"), "{failed}");
+        assert!(failed.contains(cause), "{failed}");
+    }
+}

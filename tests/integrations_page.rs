@@ -90,13 +90,16 @@ async fn authorize_test_and_revoke_in_a_real_browser() {
             "token",
             "imap connect",
             "imap xoauth2 login",
+            "imap EXAMINE INBOX",
             "imap logout",
             "pop3 connect",
             "pop3 xoauth2 login",
+            "pop3 STAT",
             "pop3 logout",
             // The account has an SMTP upstream too (the harness Postfix).
             "smtp connect",
             "smtp xoauth2 login",
+            "smtp EHLO",
             "smtp logout"
         ]
     );

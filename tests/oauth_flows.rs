@@ -88,8 +88,10 @@ async fn paste_back_authorization_with_pkce_then_status_and_test() {
         "token",
         "imap connect",
         "imap xoauth2 login",
+        "imap EXAMINE INBOX",
         "imap logout",
         "pop3 xoauth2 login",
+        "pop3 STAT",
         "pop3 logout",
     ] {
         assert!(

@@ -79,4 +79,12 @@ fuzz_target!(|data: &[u8]| {
         run(&mut mailgate::smtp::Upstream::new("a@b", &token, tls, "client.example"), plain, after, c)
     };
     assert_eq!(smtp(&[usize::MAX]), smtp(&chunks));
+    // Test connection's readers of the answer one command past login: no
+    // panic on any bytes, whole lines or not.
+    for protocol in [&mailgate::imap::PROTOCOL, &mailgate::pop3::PROTOCOL, &mailgate::smtp::PROTOCOL] {
+        let _ = (protocol.check.answer)(input);
+        if let Some(end) = input.iter().rposition(|&b| b == b'\n') {
+            let _ = (protocol.check.answer)(&input[..=end]);
+        }
+    }
 });

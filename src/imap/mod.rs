@@ -13,6 +13,7 @@ pub use upstream::Upstream;
 
 use std::time::Duration;
 
+use crate::proto::descriptor::Check;
 use crate::proto::{
     ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest,
     SessionOptions, UpstreamLogin,
@@ -27,6 +28,11 @@ pub static PROTOCOL: Descriptor = Descriptor {
     logged_out,
     logout: b"z LOGOUT\r\n",
     logout_done: b"z OK",
+    check: Check {
+        name: "EXAMINE INBOX",
+        command: |_| b"y EXAMINE INBOX\r\n".to_vec(),
+        answer: examined,
+    },
     // RFC 9051 §5.4: an autologout timer of at least 30 minutes.
     default_idle_timeout: Duration::from_secs(30 * 60),
     default_upstream,
@@ -34,6 +40,26 @@ pub static PROTOCOL: Descriptor = Descriptor {
     advertises_upstream_capabilities: false,
     microsoft_scope: "IMAP.AccessAsUser.All",
 };
+
+/// The answer to `y EXAMINE INBOX`: whole once the tagged line is in.
+fn examined(answer: &[u8]) -> Option<Result<String, String>> {
+    // Whole lines only: a read may end inside one.
+    let whole = &answer[..answer.iter().rposition(|&b| b == b'\n')? + 1];
+    let lines = || whole.split(|&b| b == b'\n').map(<[u8]>::trim_ascii);
+    let tagged = lines().find(|l| l.starts_with(b"y "))?;
+    let text = String::from_utf8_lossy(&tagged[2..]).into_owned();
+    if !tagged.starts_with(b"y OK") {
+        return Some(Err(text));
+    }
+    let exists = lines().find_map(|l| {
+        let n = l.strip_prefix(b"* ")?.strip_suffix(b" EXISTS")?;
+        std::str::from_utf8(n).ok()?.parse::<u64>().ok()
+    });
+    Some(Ok(match exists {
+        Some(n) => format!("INBOX holds {n} messages"),
+        None => "INBOX opened".into(),
+    }))
+}
 
 /// `tag LOGOUT` (RFC 9051 §6.1.3) as the client's last line.
 fn logged_out(tail: &[u8]) -> bool {

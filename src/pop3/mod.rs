@@ -14,6 +14,7 @@ pub use upstream::Upstream;
 
 use std::time::Duration;
 
+use crate::proto::descriptor::Check;
 use crate::proto::{
     ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest,
     SessionOptions, UpstreamLogin, UpstreamTls,
@@ -28,6 +29,11 @@ pub static PROTOCOL: Descriptor = Descriptor {
     logged_out,
     logout: b"QUIT\r\n",
     logout_done: b"+OK",
+    check: Check {
+        name: "STAT",
+        command: |_| b"STAT\r\n".to_vec(),
+        answer: stat,
+    },
     // RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
     default_idle_timeout: Duration::from_secs(10 * 60),
     default_upstream,
@@ -35,6 +41,22 @@ pub static PROTOCOL: Descriptor = Descriptor {
     advertises_upstream_capabilities: false,
     microsoft_scope: "POP.AccessAsUser.All",
 };
+
+/// The answer to `STAT`: one line, `+OK count size` or `-ERR why`.
+fn stat(answer: &[u8]) -> Option<Result<String, String>> {
+    let end = answer.iter().position(|&b| b == b'\n')?;
+    let line = String::from_utf8_lossy(answer[..end].trim_ascii()).into_owned();
+    Some(match line.strip_prefix("+OK") {
+        Some(rest) => {
+            let mut counts = rest.split_ascii_whitespace();
+            match (counts.next(), counts.next()) {
+                (Some(n), Some(size)) => Ok(format!("{n} messages, {size} bytes")),
+                _ => Ok("answered".into()),
+            }
+        }
+        None => Err(line),
+    })
+}
 
 /// `QUIT` (RFC 1939 §6) as the client's last line.
 fn logged_out(tail: &[u8]) -> bool {

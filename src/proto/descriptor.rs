@@ -119,6 +119,15 @@ pub struct DefaultUpstream {
     pub tls: UpstreamTls,
 }
 
+/// One command past login that proves the mailbox can be used, not only
+/// that the token was accepted (Microsoft logs a token in and then answers
+/// `BAD User is authenticated but not connected`).
+pub struct Check {
+    pub name: &'static str,
+    pub command: fn(gateway_host: &str) -> Vec<u8>,
+    pub answer: fn(&[u8]) -> Option<Result<String, String>>,
+}
+
 /// Everything the upper layers need to know about one protocol.
 pub struct Descriptor {
     /// The config name (`protocol = "imap"`, `[accounts.NAME.imap]`) and
@@ -134,6 +143,11 @@ pub struct Descriptor {
     pub logout: &'static [u8],
     /// How the answer to `logout` starts, on a line of its own.
     pub logout_done: &'static [u8],
+    /// Test connection's step past login: its name (`EXAMINE INBOX`), the
+    /// command for a gateway of this host name, and a reader of the
+    /// answer: `None` until it is whole, then what it said, `Err` for a
+    /// refusal (in the upstream's words).
+    pub check: Check,
     /// Whether the last bytes a client sent (up to 32) end with its logout
     /// command: a client that then drops without a TLS close_notify ended
     /// its session normally.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::upstream::{self, Connectors, UpstreamError};
-use crate::config::Account;
+use crate::config::{Account, Grant};
 use crate::oauth::Tokens;
 use crate::proto::{LoginRequest, UpstreamTls};
 use crate::protocol::Protocol;
@@ -20,6 +20,30 @@ pub struct Step {
     /// What happened, in plain words; `Err` for a failed step.
     pub outcome: Result<String, String>,
     pub elapsed: Duration,
+}
+
+/// A failure after a successful login, with the likely causes where the
+/// provider's words are known: Microsoft's "User is authenticated but not
+/// connected" means the token was fine but the mailbox can't be opened.
+fn diagnose(account: &Account, failure: &str) -> String {
+    if !failure
+        .to_ascii_lowercase()
+        .contains("authenticated but not connected")
+    {
+        return failure.to_owned();
+    }
+    let causes = if account.grant == Grant::ClientCredentials {
+        format!(
+            "the app's service principal is not registered in Exchange Online (New-ServicePrincipal -AppId {} -ObjectId <the enterprise application's object ID>), or it has no access to {} (Add-MailboxPermission -Identity {} -User <the service principal's ID> -AccessRights FullAccess), or the mailbox address is wrong",
+            account.integration.client_id, account.mailbox, account.mailbox
+        )
+    } else {
+        format!(
+            "{} is not the signed-in user's mailbox and the user has no Full Access permission on it (Add-MailboxPermission -Identity {} -User <the signed-in user> -AccessRights FullAccess), or the mailbox isn't licensed for Exchange Online, or the account signed in as someone else",
+            account.mailbox, account.mailbox
+        )
+    };
+    format!("{failure}: the token was accepted, but the mailbox can't be opened. Likely: {causes}")
 }
 
 /// Runs every step for `account`, stopping at the first failure.
@@ -101,7 +125,7 @@ pub async fn test_account(
                 gateway_host,
             }),
         );
-        let logged_in = match tokio::time::timeout(timeout, login)
+        let mut logged_in = match tokio::time::timeout(timeout, login)
             .await
             .unwrap_or(Err(UpstreamError::Timeout))
         {
@@ -122,6 +146,25 @@ pub async fn test_account(
                 return steps;
             }
         };
+        // One command past login: a provider may accept the token and
+        // still not open the mailbox.
+        let started = Instant::now();
+        let checked = tokio::time::timeout(
+            timeout,
+            upstream::check(&mut logged_in, protocol, gateway_host),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout))
+        .map_err(|e| diagnose(account, &e.to_string()));
+        let failed = checked.is_err();
+        steps.push(Step {
+            name: format!("{label} {}", protocol.check.name),
+            outcome: checked,
+            elapsed: started.elapsed(),
+        });
+        if failed {
+            return steps;
+        }
         let started = Instant::now();
         let outcome = tokio::time::timeout(timeout, upstream::logout(logged_in, protocol))
             .await

@@ -167,6 +167,39 @@ pub async fn login(
 ///
 /// # Errors
 /// When the upstream doesn't answer as expected.
+/// Test connection's command past login (`protocol.check`): what the
+/// upstream answered, or its refusal in its own words.
+///
+/// # Errors
+/// [`UpstreamError::Protocol`] with the refusal; i/o errors.
+pub async fn check(
+    logged_in: &mut LoggedIn,
+    protocol: Protocol,
+    gateway_host: &str,
+) -> Result<String, UpstreamError> {
+    let stream = &mut logged_in.stream;
+    stream
+        .write_all(&(protocol.check.command)(gateway_host))
+        .await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::from(&logged_in.to_client[..]);
+    logged_in.to_client = Bytes::new();
+    loop {
+        if let Some(answer) = (protocol.check.answer)(&buf) {
+            return answer.map_err(UpstreamError::Protocol);
+        }
+        if buf.len() > 256 * 1024 {
+            return Err(UpstreamError::Protocol(format!(
+                "no end to the answer to {}",
+                protocol.check.name
+            )));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
+}
+
 pub async fn logout(logged_in: LoggedIn, protocol: Protocol) -> Result<(), UpstreamError> {
     let mut stream = logged_in.stream;
     let done = protocol.logout_done;

@@ -14,7 +14,7 @@ pub use upstream::Upstream;
 
 use std::time::Duration;
 
-use crate::proto::descriptor::last_line;
+use crate::proto::descriptor::{last_line, Check};
 use crate::proto::{
     ClientSession, DefaultUpstream, Descriptor, KnownProvider, ListenerTls, LoginRequest,
     SessionOptions, UpstreamLogin, UpstreamTls,
@@ -29,6 +29,11 @@ pub static PROTOCOL: Descriptor = Descriptor {
     logged_out,
     logout: b"QUIT\r\n",
     logout_done: b"221",
+    check: Check {
+        name: "EHLO",
+        command: |host| format!("EHLO {host}\r\n").into_bytes(),
+        answer: ehlo_answered,
+    },
     // RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next
     // command. No longer: Microsoft allows 3 sessions per mailbox.
     default_idle_timeout: Duration::from_secs(5 * 60),
@@ -50,6 +55,47 @@ fn logged_out(tail: &[u8]) -> bool {
     last_line(tail)
         .and_then(|line| parse::command(line).ok())
         .is_some_and(|c| c == parse::Command::Quit)
+}
+
+/// The answer to `EHLO` after AUTH: whole at its last line (`250 `, no
+/// dash); a refusal in the server's words.
+fn ehlo_answered(answer: &[u8]) -> Option<Result<String, String>> {
+    // Whole lines only: a read may end inside one.
+    let whole = &answer[..answer.iter().rposition(|&b| b == b'\n')? + 1];
+    let lines: Vec<&[u8]> = whole
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let last = lines.iter().position(|l| l.get(3) != Some(&b'-'))?;
+    let text = String::from_utf8_lossy(lines[last]).into_owned();
+    Some(if text.starts_with("250") {
+        Ok(format!("{} extensions offered", last))
+    } else {
+        Err(text)
+    })
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::ehlo_answered;
+
+    #[test]
+    fn an_ehlo_answer_is_whole_at_its_last_line_only() {
+        assert_eq!(ehlo_answered(b"250-smtp.example\r\n25"), None);
+        assert_eq!(
+            ehlo_answered(b"250-smtp.example\r\n250-SIZE 1000\r\n"),
+            None
+        );
+        assert_eq!(
+            ehlo_answered(b"250-smtp.example\r\n250 SIZE 1000\r\n"),
+            Some(Ok("1 extensions offered".into()))
+        );
+        assert_eq!(
+            ehlo_answered(b"421 4.7.0 closing\r\n"),
+            Some(Err("421 4.7.0 closing".into()))
+        );
+    }
 }
 
 fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
