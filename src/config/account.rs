@@ -35,8 +35,14 @@ impl UpstreamServer {
     /// A name for this server and how it is reached, for per-server tables.
     pub fn id(&self) -> String {
         format!(
-            "{}:{}:{:?}:{:?}",
-            self.host, self.port, self.tls, self.ca_file
+            "{}:{}:{:?}:{:?}:{}",
+            self.host,
+            self.port,
+            self.tls,
+            self.ca_file,
+            self.proxy
+                .as_ref()
+                .map_or_else(|| "direct".to_owned(), |p| p.to_string())
         )
     }
 }
@@ -59,6 +65,8 @@ pub struct UpstreamServer {
     /// The account's upstream sessions at once, at most (Microsoft allows
     /// 3 SMTP sessions per mailbox); `None`: no cap.
     pub max_sessions: Option<usize>,
+    /// The HTTP CONNECT proxy that connections go through; `None`: direct.
+    pub proxy: Option<Arc<super::ProxyUrl>>,
 }
 
 /// Validates `[accounts.NAME]`; `served` says whether a listener serves a
@@ -69,6 +77,7 @@ pub(super) fn account(
     a: raw::Account,
     integrations: &BTreeMap<String, Arc<Integration>>,
     served: impl Fn(Protocol) -> bool,
+    mail_proxy: Option<&Arc<super::ProxyUrl>>,
 ) -> Result<Account, ConfigError> {
     let integration = integrations
         .get(&a.integration)
@@ -120,7 +129,9 @@ pub(super) fn account(
         let cap = integration
             .mail_provider
             .and_then(|p| (protocol.sessions_per_mailbox)(p));
-        if let Some(mut server) = upstream_or_default(&key, given, default, served(protocol))? {
+        if let Some(mut server) =
+            upstream_or_default(&key, given, default, served(protocol), mail_proxy)?
+        {
             server.max_sessions = server.max_sessions.or(cap);
             if server.max_sessions == Some(0) {
                 return Err(invalid(
@@ -173,15 +184,17 @@ fn upstream_or_default(
     given: Option<raw::Upstream>,
     default: Option<crate::proto::DefaultUpstream>,
     served: bool,
+    mail_proxy: Option<&Arc<super::ProxyUrl>>,
 ) -> Result<Option<UpstreamServer>, ConfigError> {
     match (given, default) {
-        (Some(u), _) => upstream(key, u).map(Some),
+        (Some(u), _) => upstream(key, u, mail_proxy).map(Some),
         (None, Some(d)) => Ok(Some(UpstreamServer {
             host: d.host.to_owned(),
             port: d.port,
             tls: d.tls,
             ca_file: None,
             max_sessions: None,
+            proxy: mail_proxy.cloned(),
         })),
         (None, None) if served => Err(invalid(
             key,
@@ -191,7 +204,11 @@ fn upstream_or_default(
     }
 }
 
-fn upstream(key: &str, u: raw::Upstream) -> Result<UpstreamServer, ConfigError> {
+fn upstream(
+    key: &str,
+    u: raw::Upstream,
+    mail_proxy: Option<&Arc<super::ProxyUrl>>,
+) -> Result<UpstreamServer, ConfigError> {
     let (host, port) = u
         .address
         .rsplit_once(':')
@@ -231,5 +248,13 @@ fn upstream(key: &str, u: raw::Upstream) -> Result<UpstreamServer, ConfigError> 
         },
         ca_file: u.ca_file,
         max_sessions: u.max_sessions,
+        proxy: match u.proxy.as_deref() {
+            None => mail_proxy.cloned(),
+            Some("direct") => None,
+            Some(given) => Some(Arc::new(super::network::proxy_url(
+                &format!("{key}.proxy"),
+                given,
+            )?)),
+        },
     })
 }

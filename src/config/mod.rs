@@ -19,6 +19,7 @@ mod account;
 mod catalogue;
 mod http;
 mod integration;
+mod network;
 mod raw;
 mod settings;
 mod summary;
@@ -40,6 +41,7 @@ pub use crate::proto::ListenerTls;
 pub use account::{Account, UpstreamServer};
 pub use http::{AdminCredential, HttpSettings, HttpTls};
 pub use integration::{ClientCertificate, Integration, ServiceAccount};
+pub use network::{NetworkSettings, ProxyUrl};
 pub use raw::{Cloud, Grant, LogFormat, Provider};
 pub use settings::*;
 
@@ -78,6 +80,7 @@ pub struct Config {
     /// kept in the state directory.
     pub certificate: Option<CertificateFiles>,
     pub limits: Limits,
+    pub network: NetworkSettings,
     pub oauth: OAuthSettings,
     pub integrations: BTreeMap<String, Arc<Integration>>,
     pub accounts: BTreeMap<String, Arc<Account>>,
@@ -217,6 +220,7 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         .map(|(i, l)| listener(&format!("listeners[{i}]"), l))
         .collect::<Result<Vec<_>, _>>()?;
     let limits = settings::limits(&raw.limits)?;
+    let network = network::network(&raw.network)?;
     let oauth = settings::oauth(raw.oauth)?;
     let mut integrations = BTreeMap::new();
     for (name, i) in raw.integrations {
@@ -242,7 +246,14 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
                 "account names use letters, digits, '-', '_' and '.', and don't start with '.'",
             ));
         }
-        let account = account::account(&key, name.clone(), a, &integrations, served)?;
+        let account = account::account(
+            &key,
+            name.clone(),
+            a,
+            &integrations,
+            served,
+            network.mail_proxy.as_ref(),
+        )?;
         if let Some(other) = usernames.insert(account.username.clone(), name.clone()) {
             return Err(invalid(
                 format!("{key}.username"),
@@ -303,6 +314,7 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             key: c.key,
         }),
         limits,
+        network,
         oauth,
         integrations,
         accounts,

@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub store: Store,
     #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
     pub log: Log,
     #[serde(default)]
     pub listeners: Vec<Listener>,
@@ -85,6 +87,13 @@ pub struct Log {
 pub enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub proxy: Option<String>,
+    pub mail_proxy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +306,9 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     /// Upstream sessions of this account at once, at most.
     pub max_sessions: Option<usize>,
+    /// An HTTP CONNECT proxy for this server, or `"direct"`; overrides
+    /// `network.mail_proxy`.
+    pub proxy: Option<String>,
 }
 
 fn implicit() -> UpstreamTls {

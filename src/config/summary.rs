@@ -41,6 +41,18 @@ impl Config {
                 ),
             }
         );
+        let _ = writeln!(
+            s,
+            "network: token requests {}, mail {}",
+            self.network.proxy.as_ref().map_or_else(
+                || "direct or through HTTPS_PROXY/HTTP_PROXY".to_owned(),
+                |p| format!("through {p}")
+            ),
+            self.network
+                .mail_proxy
+                .as_ref()
+                .map_or_else(|| "direct".to_owned(), |p| format!("through {p}"))
+        );
         for l in &self.listeners {
             let _ = writeln!(
                 s,

@@ -158,6 +158,8 @@ pub struct Tokens {
     notifier: Notifier,
     metrics: Arc<Metrics>,
     accounts: HashMap<String, AccountTokens>,
+    /// `[network] proxy`, named in the failures of requests through it.
+    proxy: Option<String>,
     /// With a shared store: new tokens are written here, on local disk,
     /// before they are saved to the store, and removed once saved. What a
     /// crash or a store outage left here is saved at the next load.
@@ -175,11 +177,20 @@ impl Tokens {
         metrics: Arc<Metrics>,
         store: Arc<dyn TokenStore>,
     ) -> Result<Self, TokenError> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.oauth.request_timeout)
             .connect_timeout(config.oauth.request_timeout)
-            .use_preconfigured_tls(tls.clone())
+            .use_preconfigured_tls(tls.clone());
+        // `[network] proxy` wins over HTTPS_PROXY/HTTP_PROXY, which the
+        // client otherwise reads; NO_PROXY applies to both.
+        if let Some(proxy) = &config.network.proxy {
+            let proxy = reqwest::Proxy::all(proxy.url.expose().as_str())
+                .map_err(|_| TokenError::Transient(format!("network.proxy {proxy}: not usable")))?
+                .no_proxy(reqwest::NoProxy::from_env());
+            http = http.proxy(proxy);
+        }
+        let http = http
             .build()
             .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
         metrics.export_zeroes(
@@ -197,6 +208,7 @@ impl Tokens {
             )?),
         };
         Ok(Self {
+            proxy: config.network.proxy.as_ref().map(|p| p.to_string()),
             spool,
             notifier: Notifier::new(&config.oauth, http.clone()),
             metrics,
@@ -593,7 +605,15 @@ impl Tokens {
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
         let used_version = state.version;
-        let result = grant::request(&self.http, account, refresh_token.as_ref()).await;
+        let result = grant::request(&self.http, account, refresh_token.as_ref())
+            .await
+            .map_err(|e| match (e, &self.proxy) {
+                // The proxy may be why: say it was in the way.
+                (TokenError::Transient(why), Some(proxy)) => {
+                    TokenError::Transient(format!("{why} (through proxy {proxy})"))
+                }
+                (e, _) => e,
+            });
         // No refresh token: nothing was sent, so nothing is counted.
         let sent = !matches!(result, Err(TokenError::NotAuthorizedYet(_)));
         let outcome = match &result {

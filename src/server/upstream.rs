@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::stream::{ReadAhead, Stream, UpstreamStream};
-use crate::config::UpstreamServer;
+use crate::config::{ProxyUrl, UpstreamServer};
 use crate::proto::{UpstreamAction, UpstreamFailure, UpstreamLogin, UpstreamTls};
 use crate::protocol::Protocol;
 
@@ -28,6 +28,9 @@ pub struct LoggedIn {
 pub enum UpstreamError {
     #[error("connect to {0}: {1}")]
     Connect(String, io::Error),
+    /// The HTTP CONNECT proxy couldn't be reached, or refused the tunnel.
+    #[error("proxy {proxy}: {why}")]
+    Proxy { proxy: String, why: String },
     #[error("tls with {0}: {1}")]
     Tls(String, io::Error),
     #[error("upstream i/o: {0}")]
@@ -82,9 +85,12 @@ pub async fn connect(
             io::Error::new(io::ErrorKind::InvalidInput, e),
         )
     })?;
-    let tcp = TcpStream::connect((server.host.as_str(), server.port))
-        .await
-        .map_err(|e| UpstreamError::Connect(address.clone(), e))?;
+    let tcp = match &server.proxy {
+        None => TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .map_err(|e| UpstreamError::Connect(address.clone(), e))?,
+        Some(proxy) => tunnel(proxy, &address).await?,
+    };
     tcp.set_nodelay(true)?;
     super::set_keepalive(&tcp, keepalive)?;
     let stream = match server.tls {
@@ -101,6 +107,57 @@ pub async fn connect(
         name,
         address,
     })
+}
+
+/// A TCP stream to `address` through the HTTP CONNECT `proxy` (RFC 9110
+/// §9.3.6). Only the proxy's answer is read, so the first byte after it is
+/// the upstream's (TLS or a greeting).
+async fn tunnel(proxy: &ProxyUrl, address: &str) -> Result<TcpStream, UpstreamError> {
+    let refused = |why: String| UpstreamError::Proxy {
+        proxy: proxy.to_string(),
+        why,
+    };
+    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
+        .await
+        .map_err(|e| refused(format!("unreachable: {e}")))?;
+    let mut request = format!("CONNECT {address} HTTP/1.1\r\nHost: {address}\r\n");
+    if let Some(auth) = &proxy.authorization {
+        request.push_str(&format!("Proxy-Authorization: {}\r\n", auth.expose()));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| refused(format!("connection lost: {e}")))?;
+    // The answer's head, a byte at a time: nothing of the tunnel's own
+    // bytes may be read here. It is short (a status line and a few
+    // headers), once per connection.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 {
+            return Err(refused("an answer to CONNECT longer than 8 KiB".into()));
+        }
+        let mut byte = [0u8; 1];
+        if tcp
+            .read(&mut byte)
+            .await
+            .map_err(|e| refused(format!("connection lost: {e}")))?
+            == 0
+        {
+            return Err(refused(format!(
+                "closed the connection instead of a tunnel to {address}"
+            )));
+        }
+        head.push(byte[0]);
+    }
+    let status_line =
+        String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(&[])).into_owned();
+    let status = status_line.split(' ').nth(1).unwrap_or("");
+    if !status.starts_with('2') || status.len() != 3 {
+        return Err(refused(format!(
+            "refused the tunnel to {address}: {status_line}"
+        )));
+    }
+    Ok(tcp)
 }
 
 /// Runs our XOAUTH2 `login` over a fresh connection.
