@@ -720,14 +720,15 @@ async fn every_login_form_over_every_tls_combination() {
     }
 }
 
-/// Connections that have not logged in are capped per client address; a
-/// login frees the slot.
+/// Connections that have not logged in are capped per client address: one
+/// over the cap waits `pre_login_wait` for a slot, then is refused; a login
+/// frees a slot, and a waiting connection takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_login_connections_are_capped_per_address() {
     harness().seed("capped@example.test");
     let account = Account::authorized("capped", "capped@example.test");
     let options = support::Options {
-        limits: "max_pre_login_per_ip = 2".into(),
+        limits: "max_pre_login_per_ip = 2\npre_login_wait = \"300ms\"".into(),
         ..support::Options::default()
     };
     let gateway =
@@ -736,10 +737,15 @@ async fn pre_login_connections_are_capped_per_address() {
     assert!(greeting.starts_with("* OK"));
     let (_second, greeting) = RawClient::connect(gateway.imaps).await;
     assert!(greeting.starts_with("* OK"));
+    let started = std::time::Instant::now();
     let (_third, greeting) = RawClient::connect(gateway.imaps).await;
     assert_eq!(
         greeting,
         "* BYE [UNAVAILABLE] Too many connections from your address, try again later"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "refused without waiting"
     );
     // Logging in frees the first slot.
     first
@@ -1055,4 +1061,36 @@ async fn shutdown_ends_a_login_that_waits_for_the_token_endpoint() {
         goodbye.expect("a goodbye before the token request timed out"),
         "* BYE mailgate shutting down"
     );
+}
+
+/// With the default limits, a burst of 64 concurrent logins from one host
+/// (a poller starting its jobs, a cluster behind one NAT) all succeed:
+/// those over the per-address cap wait for a slot instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_logins_from_one_address_succeed_with_the_defaults() {
+    harness().seed("burst@example.test");
+    let account = Account::authorized("burst", "burst@example.test");
+    let gateway = std::sync::Arc::new(
+        Gateway::start_options(
+            tempfile::tempdir().unwrap(),
+            std::slice::from_ref(&account),
+            &support::Options::default(),
+        )
+        .await,
+    );
+    let mut logins = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (gateway, account) = (gateway.clone(), account.clone());
+        logins.spawn(async move {
+            let (mut c, greeting) = RawClient::connect(gateway.imaps).await;
+            assert!(greeting.starts_with("* OK"), "{greeting}");
+            c.send(format!("a LOGIN {} {}\r\n", account.name, account.password).as_bytes())
+                .await;
+            c.until_tagged("a").await.last().unwrap().clone()
+        });
+    }
+    while let Some(reply) = logins.join_next().await {
+        let reply = reply.unwrap();
+        assert!(reply.starts_with("a OK"), "{reply}");
+    }
 }

@@ -690,7 +690,9 @@ async fn through_haproxy_the_per_address_limit_sees_the_real_client_address() {
     let options = Options {
         // HAProxy connects from 127.0.0.1; the clients are 127.0.0.2-5.
         proxy_protocol_from: Some("[\"127.0.0.1/32\"]".into()),
-        limits: "max_pre_login_per_ip = 2\nproxy_header_timeout = \"1s\"".into(),
+        limits:
+            "max_pre_login_per_ip = 2\npre_login_wait = \"200ms\"\nproxy_header_timeout = \"1s\""
+                .into(),
         smtp: true,
         ..Options::default()
     };

@@ -80,6 +80,9 @@ pub struct Config {
     /// kept in the state directory.
     pub certificate: Option<CertificateFiles>,
     pub limits: Limits,
+    /// `limits.trusted_addresses`: exempt from the per-address cap and
+    /// back-off (not a `Limits` field: that one is `Copy`).
+    pub trusted_addresses: Vec<ipnet::IpNet>,
     pub network: NetworkSettings,
     pub oauth: OAuthSettings,
     pub integrations: BTreeMap<String, Arc<Integration>>,
@@ -221,6 +224,7 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let limits = settings::limits(&raw.limits)?;
     let network = network::network(&raw.network)?;
+    let trusted_addresses = networks("limits.trusted_addresses", &raw.limits.trusted_addresses)?;
     let oauth = settings::oauth(raw.oauth)?;
     let mut integrations = BTreeMap::new();
     for (name, i) in raw.integrations {
@@ -314,11 +318,30 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             key: c.key,
         }),
         limits,
+        trusted_addresses,
         network,
         oauth,
         integrations,
         accounts,
     })
+}
+
+/// A list of addresses and networks (`10.0.0.0/8`, `::1`).
+fn networks(key: &str, given: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    given
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        format!("{key}[{i}]"),
+                        format!("{net:?} is not an address or a network (10.0.0.0/8, ::1)"),
+                    )
+                })
+        })
+        .collect()
 }
 
 fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
@@ -341,21 +364,10 @@ fn listener(key: &str, l: &raw::Listener) -> Result<Listener, ConfigError> {
             ListenerTls::Plaintext
         }
     };
-    let proxy_protocol_from = l
-        .proxy_protocol_from
-        .iter()
-        .enumerate()
-        .map(|(i, net)| {
-            net.parse::<ipnet::IpNet>()
-                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    invalid(
-                        format!("{key}.proxy_protocol_from[{i}]"),
-                        format!("{net:?} is not an address or a network (10.0.0.0/8, ::1)"),
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let proxy_protocol_from = networks(
+        &format!("{key}.proxy_protocol_from"),
+        &l.proxy_protocol_from,
+    )?;
     Ok(Listener {
         protocol: l.protocol,
         address,

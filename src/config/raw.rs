@@ -153,6 +153,10 @@ pub struct Limits {
     pub proxy_header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub tcp_keepalive: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pre_login_wait: Option<Duration>,
+    #[serde(default)]
+    pub trusted_addresses: Vec<String>,
     #[serde(flatten)]
     pub per_protocol: PerProtocol,
 }

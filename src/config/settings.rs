@@ -44,7 +44,14 @@ pub struct Limits {
     /// TCP keepalive on client and upstream connections: how long a
     /// connection is idle before the first probe; `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// How long a connection over `max_pre_login_per_ip` waits for a slot
+    /// before it is refused.
+    pub pre_login_wait: Duration,
 }
+
+/// A burst from one host (a poller starting many jobs, a cluster behind
+/// NAT) is served in turn rather than refused: logins take milliseconds.
+pub const DEFAULT_PRE_LOGIN_WAIT: Duration = Duration::from_secs(10);
 
 /// Under the 4 minutes after which Azure's load balancer (and many NATs)
 /// drop an idle flow, which would end an IMAP IDLE session silently.
@@ -229,6 +236,12 @@ pub(super) fn limits(l: &raw::Limits) -> Result<Limits, ConfigError> {
             false,
         )?)
         .filter(|idle| !idle.is_zero()),
+        pre_login_wait: bounded(
+            "limits.pre_login_wait",
+            l.pre_login_wait,
+            DEFAULT_PRE_LOGIN_WAIT,
+            false,
+        )?,
     })
 }
 

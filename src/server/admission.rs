@@ -32,23 +32,36 @@ pub struct Admission {
     max_pre_login: usize,
     base_delay: Duration,
     max_delay: Duration,
+    /// Addresses that neither the per-address cap nor the per-address
+    /// back-off apply to (a NAT, a poller host); the per-username back-off
+    /// still does.
+    trusted: Vec<ipnet::IpNet>,
+    /// Woken when a slot frees, for connections waiting for one.
+    freed: tokio::sync::Notify,
 }
 
 /// A connection that has not logged in yet; frees its slot when dropped.
 pub struct PreLogin {
     admission: Arc<Admission>,
-    address: IpAddr,
+    /// `None` for a trusted address: it took no slot.
+    address: Option<IpAddr>,
 }
 
 impl Drop for PreLogin {
     fn drop(&mut self) {
-        let mut tables = self.admission.lock();
-        if let Some(n) = tables.pre_login.get_mut(&self.address) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                tables.pre_login.remove(&self.address);
+        let Some(address) = self.address else {
+            return;
+        };
+        {
+            let mut tables = self.admission.lock();
+            if let Some(n) = tables.pre_login.get_mut(&address) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    tables.pre_login.remove(&address);
+                }
             }
         }
+        self.admission.freed.notify_waiters();
     }
 }
 
@@ -59,6 +72,42 @@ impl Admission {
             max_pre_login,
             base_delay,
             max_delay: max_delay.max(base_delay),
+            trusted: Vec::new(),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The same, exempting `trusted` from the per-address rules.
+    pub fn trusting(mut self, trusted: Vec<ipnet::IpNet>) -> Self {
+        self.trusted = trusted;
+        self
+    }
+
+    fn is_trusted(&self, address: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(&address))
+    }
+
+    /// A pre-login slot for `address`, waiting up to `wait` for one to
+    /// free at the cap (a burst from one host gets served, in turn);
+    /// `None` if none did.
+    pub async fn enter_within(
+        self: &Arc<Self>,
+        address: IpAddr,
+        wait: Duration,
+    ) -> Option<PreLogin> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so that a slot freed between
+            // the check and the wait still wakes us.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.enter(address) {
+                return Some(slot);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return self.enter(address);
+            }
         }
     }
 
@@ -71,6 +120,12 @@ impl Admission {
 
     /// A pre-login slot for `address`, or `None` at the cap.
     pub fn enter(self: &Arc<Self>, address: IpAddr) -> Option<PreLogin> {
+        if self.is_trusted(address) {
+            return Some(PreLogin {
+                admission: self.clone(),
+                address: None,
+            });
+        }
         let mut tables = self.lock();
         let n = tables.pre_login.entry(address).or_insert(0);
         if *n >= self.max_pre_login {
@@ -79,7 +134,7 @@ impl Admission {
         *n += 1;
         Some(PreLogin {
             admission: self.clone(),
-            address,
+            address: Some(address),
         })
     }
 
@@ -104,9 +159,18 @@ impl Admission {
         };
         let user = bump(tables.users.get(username));
         tables.users.insert(username.to_owned(), user);
-        let addr = bump(tables.addresses.get(&address));
-        tables.addresses.insert(address, addr);
-        let doublings = user.failures.max(addr.failures).saturating_sub(1).min(16);
+        let address_failures = if self.is_trusted(address) {
+            0
+        } else {
+            let addr = bump(tables.addresses.get(&address));
+            tables.addresses.insert(address, addr);
+            addr.failures
+        };
+        let doublings = user
+            .failures
+            .max(address_failures)
+            .saturating_sub(1)
+            .min(16);
         self.base_delay
             .saturating_mul(1 << doublings)
             .min(self.max_delay)
@@ -156,6 +220,50 @@ mod tests {
         );
         drop(one);
         assert!(a.enter(ip).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_waits_for_a_slot_a_bounded_time() {
+        let a = Arc::new(Admission::new(
+            1,
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+        ));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let held = a.enter(ip).unwrap();
+        // Nothing frees: refused after the wait.
+        let started = std::time::Instant::now();
+        assert!(a
+            .enter_within(ip, Duration::from_millis(100))
+            .await
+            .is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        // A slot frees during the wait: the waiter gets it.
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.enter_within(ip, Duration::from_secs(5)).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn trusted_addresses_skip_the_cap_and_the_address_back_off_not_the_username_s() {
+        let a = Arc::new(
+            Admission::new(1, Duration::from_millis(100), Duration::from_secs(10))
+                .trusting(vec!["10.0.0.0/8".parse().unwrap()]),
+        );
+        let nat: IpAddr = "10.1.2.3".parse().unwrap();
+        let slots: Vec<_> = (0..50).map(|_| a.enter(nat).unwrap()).collect();
+        assert_eq!(slots.len(), 50);
+        // Different usernames from the trusted address: no shared back-off.
+        for i in 0..10 {
+            assert_eq!(a.failure(&format!("user{i}"), nat).as_millis(), 100);
+        }
+        // One username guessed at: its own back-off still grows.
+        let delays: Vec<u128> = (0..3).map(|_| a.failure("jira", nat).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400]);
     }
 
     #[test]

@@ -271,7 +271,11 @@ impl Connection<'_> {
                 }
             }
         }
-        let pre_login = self.gateway.admission.enter(address);
+        let pre_login = self
+            .gateway
+            .admission
+            .enter_within(address, limits.pre_login_wait)
+            .await;
         if pre_login.is_none() {
             session.too_busy();
         }

@@ -62,19 +62,26 @@ type SessionSlots = HashMap<(String, Protocol), (usize, Arc<tokio::sync::Semapho
 impl Gateway {
     /// Wires the shared services.
     pub fn new(services: Current, acceptor: TlsAcceptor, metrics: Arc<Metrics>) -> Self {
-        let (limits, hostname) = {
+        let (limits, hostname, trusted) = {
             let config = &services.get().config;
-            (config.limits, Arc::from(config.hostname.as_str()))
+            (
+                config.limits,
+                Arc::from(config.hostname.as_str()),
+                config.trusted_addresses.clone(),
+            )
         };
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         Self {
             connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             verifications: tokio::sync::Semaphore::new(cores),
-            admission: Arc::new(admission::Admission::new(
-                limits.max_pre_login_per_ip,
-                limits.login_failure_delay,
-                limits.login_failure_max_delay,
-            )),
+            admission: Arc::new(
+                admission::Admission::new(
+                    limits.max_pre_login_per_ip,
+                    limits.login_failure_delay,
+                    limits.login_failure_max_delay,
+                )
+                .trusting(trusted),
+            ),
             spares: Spares::new(limits.upstream_spare_for, limits.tcp_keepalive),
             hostname,
             learned: Mutex::default(),
