@@ -151,7 +151,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new()?);
     let server_tls = crate::tls::server(config.certificate.as_ref(), &config.state_dir)
         .map_err(StartError::Certificate)?;
-    info!(sha256 = %server_tls.fingerprint, "listener certificate");
+    info!(sha256 = %server_tls.fingerprint, expires = %crate::oauth::format_time(server_tls.not_after), "listener certificate");
+    metrics.set_certificate_expiry(server_tls.not_after);
+    let days_left = server_tls
+        .not_after
+        .saturating_sub(crate::oauth::unix_now())
+        / 86_400;
+    if days_left < 30 {
+        warn!(
+            days_left,
+            "the listener certificate expires within 30 days: renew it"
+        );
+    }
     let stores = oauth::open_store(&config, Some(metrics.clone())).await?;
     let services = Services::build(config.clone(), metrics.clone(), stores.tokens.clone())?;
     let tokens = services.tokens.clone();

@@ -134,6 +134,27 @@ fn main() -> ExitCode {
         Command::CheckConfig => match Config::load(&cli.config) {
             Ok(config) => {
                 print!("{}", config.summary());
+                if let Some(files) = &config.certificate {
+                    match mailgate::tls::file_not_after(&files.cert) {
+                        Ok(not_after) => {
+                            let now = mailgate::oauth::unix_now();
+                            let days = (i64::try_from(not_after).unwrap_or(i64::MAX)
+                                - i64::try_from(now).unwrap_or(0))
+                                / 86_400;
+                            println!(
+                                "certificate expires: {} ({days} days)",
+                                mailgate::oauth::format_time(not_after)
+                            );
+                            if days < 30 {
+                                println!(
+                                    "WARNING: the listener certificate {} expires within 30 days: renew it",
+                                    files.cert.display()
+                                );
+                            }
+                        }
+                        Err(e) => eprintln!("mailgate: {e}"),
+                    }
+                }
                 block_on(async {
                     if let Err(why) = check_store(&config).await {
                         eprintln!("mailgate: {why}");

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub lease_takeovers: IntCounterVec,
     pub stale_saves: IntCounterVec,
+    pub listener_certificate_expiry_seconds: prometheus::IntGauge,
+    /// The listener certificate's expiry (Unix seconds; 0: not known yet),
+    /// turned into seconds left at each scrape.
+    certificate_not_after: std::sync::atomic::AtomicU64,
 }
 
 /// How a login ended: the `outcome` label of `mailgate_logins_total`.
@@ -237,6 +241,15 @@ impl Metrics {
                 "Saves of token records refused and dropped: another writer saved a newer version, or the refresh lease was lost.",
                 &["account", "reason"],
             )?,
+            listener_certificate_expiry_seconds: {
+                let g = prometheus::IntGauge::new(
+                    "mailgate_listener_certificate_expiry_seconds",
+                    "Seconds until the listeners' certificate expires (negative: expired).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            certificate_not_after: std::sync::atomic::AtomicU64::new(0),
             registry,
         };
         metrics.registry.register(Box::new(
@@ -268,6 +281,7 @@ impl Metrics {
             &self.store_errors,
             &self.lease_takeovers,
             &self.stale_saves,
+            &self.listener_certificate_expiry_seconds,
         ]
         .iter()
         .flat_map(|c| c.desc())
@@ -277,8 +291,23 @@ impl Metrics {
         names
     }
 
+    /// Records when the listener certificate expires (Unix seconds).
+    pub fn set_certificate_expiry(&self, not_after: u64) {
+        self.certificate_not_after
+            .store(not_after, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let not_after = self
+            .certificate_not_after
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if not_after > 0 {
+            let now = crate::oauth::unix_now();
+            let left = i64::try_from(not_after).unwrap_or(i64::MAX)
+                - i64::try_from(now).unwrap_or(i64::MAX);
+            self.listener_certificate_expiry_seconds.set(left);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec can't fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -72,6 +72,8 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// Hex SHA-256 of the leaf certificate, as clients pin it.
     pub fingerprint: String,
+    /// When the leaf certificate expires, in Unix seconds.
+    pub not_after: u64,
 }
 
 /// Loads the configured certificate, or the self-signed one in `state_dir`
@@ -92,6 +94,7 @@ pub fn server(files: Option<&CertificateFiles>, state_dir: &Path) -> Result<Serv
         return Err(file_error(&cert_path, "no certificate in the file"));
     };
     let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+    let not_after = not_after(leaf).map_err(|why| file_error(&cert_path, why))?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_error(&key_path, e))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -103,7 +106,36 @@ pub fn server(files: Option<&CertificateFiles>, state_dir: &Path) -> Result<Serv
     Ok(ServerTls {
         config: Arc::new(config),
         fingerprint,
+        not_after,
     })
+}
+
+/// When the first certificate of a PEM file expires, in Unix seconds.
+///
+/// # Errors
+/// When the file can't be read or holds no certificate.
+pub fn file_not_after(path: &Path) -> Result<u64, TlsError> {
+    let first = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .next()
+        .ok_or_else(|| file_error(path, "no certificate in the file"))?
+        .map_err(|e| file_error(path, e))?;
+    not_after(&first).map_err(|why| file_error(path, why))
+}
+
+/// When a DER certificate expires, in Unix seconds.
+///
+/// # Errors
+/// When it doesn't parse.
+pub fn not_after(der: &[u8]) -> Result<u64, String> {
+    use x509_cert::der::Decode as _;
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| format!("certificate: {e}"))?;
+    Ok(cert
+        .tbs_certificate
+        .validity
+        .not_after
+        .to_unix_duration()
+        .as_secs())
 }
 
 fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {

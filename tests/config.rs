@@ -657,3 +657,56 @@ fn smtp_listeners_and_provider_defaults() {
             .contains("hostname")
     );
 }
+
+/// `check-config` warns about a listener certificate that expires within
+/// 30 days, and says when any expires.
+#[test]
+fn check_config_warns_about_a_certificate_that_expires_soon() {
+    let dir = tempfile::tempdir().unwrap();
+    let date = |offset: &str| -> (i32, u8, u8) {
+        let out = Command::new("date")
+            .args(["-u", "-d", offset, "+%Y %m %d"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut parts = text.split_whitespace().map(|p| p.parse::<i32>().unwrap());
+        let (y, m, d) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        (y, u8::try_from(m).unwrap(), u8::try_from(d).unwrap())
+    };
+    for (offset, warned) in [("+10 days", true), ("+200 days", false)] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let (y, m, d) = date(offset);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let config = dir.path().join("m.toml");
+        std::fs::write(
+            &config,
+            base(&format!(
+                "[certificate]\ncert = \"{}\"\nkey = \"{}\"",
+                cert_path.display(),
+                key_path.display()
+            )),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .args(["--config", config.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(stdout.contains("certificate expires: "), "{stdout}");
+        assert_eq!(
+            stdout.contains("WARNING: the listener certificate"),
+            warned,
+            "{stdout}"
+        );
+    }
+}

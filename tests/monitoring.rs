@@ -246,6 +246,14 @@ async fn a_real_prometheus_fires_the_matching_alerts_and_no_others() {
     assert_eq!(labels(&needs, "account"), ["revoked"]);
     let secret = holds(&prometheus, &rule_expr("MailgateClientSecretExpiringSoon")).await;
     assert_eq!(labels(&secret, "integration"), ["expiring"]);
+    // The listener certificate's expiry reaches Prometheus from both
+    // gateways (the harness certificate is far from expiring).
+    let certificates = holds(
+        &prometheus,
+        "mailgate_listener_certificate_expiry_seconds > 86400",
+    )
+    .await;
+    assert_eq!(certificates.len(), 2);
     // The healthy parts stay silent: nothing else fires.
     let mut firing = Vec::new();
     let until = Instant::now() + Duration::from_secs(20);
