@@ -710,3 +710,41 @@ fn check_config_warns_about_a_certificate_that_expires_soon() {
         );
     }
 }
+
+/// `credential:NAME` in a file setting names a systemd credential
+/// (`LoadCredential=NAME:...`), read from `$CREDENTIALS_DIRECTORY`.
+#[test]
+fn systemd_credentials_hold_the_client_secret_and_the_store_key() {
+    let toml = base("[store]\nkey_file = \"credential:token.key\"").replace(
+        "client_secret = \"very-secret-client-secret\"",
+        "client_secret_file = \"credential:google.secret\"",
+    );
+    Jail::expect_with(|jail| {
+        let creds = jail.directory().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join("google.secret"), "from-a-credential\n").unwrap();
+        jail.set_env("CREDENTIALS_DIRECTORY", creds.to_str().unwrap());
+        let config = parse(&toml).unwrap();
+        assert_eq!(
+            config.integrations["g"]
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "from-a-credential"
+        );
+        assert_eq!(
+            config.store_key,
+            mailgate::config::KeySource::File(creds.join("token.key"))
+        );
+        Ok(())
+    });
+    Jail::expect_with(|_| {
+        let e = parse(&toml).unwrap_err().to_string();
+        assert!(
+            e.contains("CREDENTIALS_DIRECTORY is not set") && e.contains("LoadCredential="),
+            "{e}"
+        );
+        Ok(())
+    });
+}

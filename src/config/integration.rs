@@ -114,7 +114,8 @@ pub(super) fn integration(
     let client_secret = match (i.client_secret, i.client_secret_file, i.client_secret_env) {
         (None, None, None) => None,
         (Some(s), None, None) => Some(s.expose().clone()),
-        (None, Some(path), None) => Some(
+        (None, Some(path), None) => Some({
+            let path = super::credential_path(&format!("{key}.client_secret_file"), path)?;
             std::fs::read_to_string(&path)
                 .map_err(|e| {
                     invalid(
@@ -123,8 +124,8 @@ pub(super) fn integration(
                     )
                 })?
                 .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-        ),
+                .to_owned()
+        }),
         (None, None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
             invalid(
                 format!("{key}.client_secret_env"),

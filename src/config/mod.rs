@@ -273,11 +273,10 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     let store = store_backend(&raw.store)?;
     let store_key = match std::env::var(KEY_ENV) {
         Ok(hex) => KeySource::Hex(Secret::new(hex)),
-        Err(_) => KeySource::File(
-            raw.store
-                .key_file
-                .unwrap_or_else(|| raw.state_dir.join("token.key")),
-        ),
+        Err(_) => KeySource::File(match raw.store.key_file.clone() {
+            Some(file) => credential_path("store.key_file", file)?,
+            None => raw.state_dir.join("token.key"),
+        }),
     };
     if let Some(c) = &raw.certificate {
         check_certificate_files(&c.cert, &c.key)?;
@@ -324,6 +323,28 @@ fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         integrations,
         accounts,
     })
+}
+
+/// The prefix of a path that names a systemd credential: `credential:NAME`
+/// is `$CREDENTIALS_DIRECTORY/NAME` (`LoadCredential=NAME:/path` in the
+/// unit), readable by the service only, whatever its user.
+const CREDENTIAL: &str = "credential:";
+
+/// `path`, or the credential it names.
+pub(crate) fn credential_path(key: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    let Some(name) = path.to_str().and_then(|p| p.strip_prefix(CREDENTIAL)) else {
+        return Ok(path);
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(invalid(key, "credential:NAME needs a plain name"));
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+        invalid(
+            key,
+            format!("names the systemd credential {name:?}, but CREDENTIALS_DIRECTORY is not set (add LoadCredential={name}:/path/to/file to the unit)"),
+        )
+    })?;
+    Ok(PathBuf::from(dir).join(name))
 }
 
 /// A list of addresses and networks (`10.0.0.0/8`, `::1`).
@@ -474,6 +495,7 @@ fn store_backend(raw: &raw::Store) -> Result<StoreBackend, ConfigError> {
     let password = match (std::env::var(STORE_PASSWORD_ENV), &raw.password_file) {
         (Ok(p), _) => Some(PasswordSource::Env(Secret::new(p))),
         (Err(_), Some(file)) => {
+            let file = &credential_path("store.password_file", file.clone())?;
             std::fs::metadata(file)
                 .map_err(|e| invalid("store.password_file", format!("{}: {e}", file.display())))?;
             Some(PasswordSource::File(file.clone()))
