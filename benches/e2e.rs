@@ -14,7 +14,8 @@
 //! as its own process so that its memory and CPU can be read from /proc.
 //! `MG_E2E_RELAY_ROUNDS` sets how many times the 3 MiB message is fetched
 //! (default 30); `MG_E2E_ONLY` runs only the named parts (comma-separated:
-//! relay, bulk, retr, latency, logins, memory, smtp, pgstore); `MG_E2E_MAILGATE`
+//! relay, bulk, retr, latency, logins, memory, smtp, pgstore, handshakes);
+//! `MG_E2E_MAILGATE`
 //! measures another mailgate binary (for A/B runs of a change).
 //!
 //! SMTP (`smtp`), against a direct XOAUTH2 session at the same Postfix: a
@@ -22,6 +23,12 @@
 //! session, AUTH latency with a cached token (p50 of 100), and full
 //! submission logins (connect, TLS, EHLO, AUTH, QUIT) per second at
 //! concurrency 1 and 16.
+//!
+//! Handshakes and default limits (`handshakes`): mailgate's CPU per login
+//! with a client that never resumes TLS sessions (a cron poller, a new
+//! process each time) beside one that does, sequentially; and logins per
+//! second at concurrency 64 and 128 on a gateway with the default limits
+//! (no `max_pre_login_per_ip` override), every login checked for its OK.
 //!
 //! The PostgreSQL store (`pgstore`): login latency with a cached token
 //! through a gateway on the harness PostgreSQL, against direct; then the
@@ -111,8 +118,16 @@ fn wanted(section: &str) -> bool {
     only().is_none_or(|only| only.iter().any(|s| s == section))
 }
 
-const SECTIONS: [&str; 8] = [
-    "relay", "bulk", "retr", "latency", "logins", "memory", "smtp", "pgstore",
+const SECTIONS: [&str; 9] = [
+    "relay",
+    "bulk",
+    "retr",
+    "latency",
+    "logins",
+    "memory",
+    "smtp",
+    "pgstore",
+    "handshakes",
 ];
 
 /// The parts `MG_E2E_ONLY` names, checked: a misspelt one would run nothing.
@@ -156,6 +171,17 @@ impl Gateway {
         Self::start_top(accounts, prefix, "")
     }
 
+    /// Starts mailgate with the default limits, as a user would run it.
+    fn start_defaults(accounts: &[Account], dir: tempfile::TempDir) -> Self {
+        let http_port = support::free_port();
+        let options = Options {
+            http_port: Some(http_port),
+            smtp: true,
+            ..Options::default()
+        };
+        Self::spawn(dir, accounts, &options, &[], http_port)
+    }
+
     /// The same, with `top` lines at the config's top level (a `[store]`).
     fn start_top(accounts: &[Account], prefix: &[&str], top: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -167,8 +193,18 @@ impl Gateway {
             top: top.into(),
             ..Options::default()
         };
+        Self::spawn(dir, accounts, &options, prefix, http_port)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        accounts: &[Account],
+        options: &Options,
+        prefix: &[&str],
+        http_port: u16,
+    ) -> Self {
         let config = dir.path().join("mailgate.toml");
-        std::fs::write(&config, config_toml(dir.path(), accounts, &options)).unwrap();
+        std::fs::write(&config, config_toml(dir.path(), accounts, options)).unwrap();
         let log = dir.path().join("log");
         // MG_E2E_MAILGATE: another build to measure (A/B runs of a change).
         let binary = std::env::var_os("MG_E2E_MAILGATE")
@@ -582,6 +618,9 @@ async fn run() {
     if wanted("smtp") {
         smtp(&gateway, &account, &token, &mut results).await;
     }
+    if wanted("handshakes") {
+        handshakes(&account, &mut results).await;
+    }
     if wanted("pgstore") {
         pgstore(&account, &mut results).await;
     }
@@ -759,6 +798,75 @@ async fn latency(gateway: &Gateway, account: &Account, token: &str, results: &mu
         let ms = gateway.mean_ms(histogram, "imap").await;
         println!("{:<40} {ms:.2} ms mean", format!("mailgate {name} (imap)"));
         results.insert(format!("{name}_ms_mean"), serde_json::json!(ms));
+    }
+}
+
+/// A client config that never resumes a TLS session.
+fn never_resuming() -> Arc<rustls::ClientConfig> {
+    let mut config = (*support::client_tls()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
+/// mailgate's CPU per sequential login, full handshakes against resumed
+/// ones; then logins/s with the default limits.
+async fn handshakes(account: &Account, results: &mut Results) {
+    let (gateway, account) = fresh_gateway(account, None, &[]);
+    let line = format!("a LOGIN {} {}\r\n", account.name, account.password);
+    // Warm: the first login verifies the password and gets the token.
+    drop(imap_login_at(gateway.imaps, &account).await);
+    let fresh = never_resuming();
+    for (name, config) in [
+        ("full handshakes", fresh),
+        ("resumed", support::client_tls()),
+    ] {
+        let n = 300;
+        let (_, before) = gateway.stat();
+        for _ in 0..n {
+            let (mut c, _) = RawClient::connect_with(gateway.imaps, config.clone()).await;
+            c.send(line.as_bytes()).await;
+            let reply = c.until_tagged("a").await;
+            assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+            c.send(b"z LOGOUT\r\n").await;
+            let _ = c.until_tagged("z").await;
+        }
+        let ms = (gateway.stat().1 - before) / f64::from(n) * 1e3;
+        println!(
+            "{:<40} {ms:.2} ms mailgate CPU per login",
+            format!("sequential logins, {name}")
+        );
+        results.insert(
+            format!("cpu_ms_per_login_{}", name.replace(' ', "_")),
+            serde_json::json!(ms),
+        );
+    }
+    for line in gateway.metrics().await.lines() {
+        if let Some(series) = line.strip_prefix("mailgate_tls_handshakes_total") {
+            println!("{:<40} {series}", "  tls handshakes");
+        }
+    }
+    drop(gateway);
+    // The default limits: no max_pre_login_per_ip = 4096.
+    let dir = tempfile::tempdir().unwrap();
+    let grant = harness().authorize(support::CLIENT, &account.mailbox);
+    let account = Account {
+        refresh_token: Some(grant.refresh_token),
+        ..account
+    };
+    let gateway = Arc::new(Gateway::start_defaults(std::slice::from_ref(&account), dir));
+    drop(imap_login_at(gateway.imaps, &account).await);
+    for concurrency in [64, 128] {
+        let total = concurrency * 4;
+        // Every login is checked for its OK: a refusal would stop the run.
+        let v = logins_per_second(Some(gateway.clone()), &account, "", concurrency, total).await;
+        println!(
+            "{:<40} mailgate {v:>10.2} logins/s (default limits)",
+            format!("logins/s at concurrency {concurrency}")
+        );
+        results.insert(
+            format!("logins_per_s_default_limits_at_{concurrency}"),
+            serde_json::json!(v),
+        );
     }
 }
 
