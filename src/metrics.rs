@@ -303,7 +303,9 @@ impl Metrics {
             .certificate_not_after
             .load(std::sync::atomic::Ordering::Relaxed);
         if not_after > 0 {
-            let now = crate::oauth::unix_now();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             let left = i64::try_from(not_after).unwrap_or(i64::MAX)
                 - i64::try_from(now).unwrap_or(i64::MAX);
             self.listener_certificate_expiry_seconds.set(left);
