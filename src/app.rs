@@ -157,7 +157,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .not_after
         .saturating_sub(crate::oauth::unix_now())
         / 86_400;
-    if days_left < 30 {
+    if server_tls.not_after > 0 && days_left < 30 {
         warn!(
             days_left,
             "the listener certificate expires within 30 days: renew it"

@@ -385,12 +385,14 @@ pub async fn store_copy(config: Config) -> ExitCode {
             "store-copy copies into the PostgreSQL store: set [store] backend = \"postgres\"",
         );
     };
-    let file = match FileStore::open(&config.state_dir, &config.store_key) {
-        Ok(f) => f,
-        Err(e) => return fail(e),
-    };
+    // The database first: it checks the key (the file store would create
+    // a missing key file, which the database would then refuse).
     let pg = match PgStore::open(settings, &config.store_key, None).await {
         Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let file = match FileStore::open(&config.state_dir, &config.store_key) {
+        Ok(f) => f,
         Err(e) => return fail(e),
     };
     let mut failed = false;

@@ -94,7 +94,12 @@ pub fn server(files: Option<&CertificateFiles>, state_dir: &Path) -> Result<Serv
         return Err(file_error(&cert_path, "no certificate in the file"));
     };
     let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
-    let not_after = not_after(leaf).map_err(|why| file_error(&cert_path, why))?;
+    // Only for the expiry gauge and warnings: a certificate that rustls
+    // takes but this parser doesn't must not stop the start.
+    let not_after = not_after(leaf).unwrap_or_else(|why| {
+        tracing::warn!(file = %cert_path.display(), error = %why, "can't read the listener certificate's expiry");
+        0
+    });
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_error(&key_path, e))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

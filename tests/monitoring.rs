@@ -305,7 +305,7 @@ async fn a_real_prometheus_fires_the_matching_alerts_and_no_others() {
             prometheus.query(expr).await;
             for name in metric_names_in(expr) {
                 assert!(
-                    exported.iter().any(|e| *e == name),
+                    exported.contains(&name),
                     "panel {:?} names {name}, which mailgate doesn't export",
                     panel["title"]
                 );

@@ -37,7 +37,7 @@ impl Tinyproxy {
             ),
         )
         .unwrap();
-        let child = Command::new("tinyproxy")
+        let mut child = Command::new("tinyproxy")
             .arg("-d")
             .arg("-c")
             .arg(&conf)
@@ -54,6 +54,8 @@ impl Tinyproxy {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("tinyproxy did not start");
     }
 
@@ -121,7 +123,7 @@ async fn token_requests_and_mail_go_through_a_real_proxy_byte_for_byte() {
     let _ = c.until_tagged("z").await;
     let log = proxy.log();
     assert!(
-        log.contains(&format!("Request (file descriptor")) && log.contains("/token HTTP/1.1"),
+        log.contains("Request (file descriptor") && log.contains("/token HTTP/1.1"),
         "no token request in the proxy's log:\n{log}"
     );
     assert!(

@@ -57,8 +57,8 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
     let b = PgStore::open(&settings(&db), &key("11"), None)
         .await
         .unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 1);
-    assert!(a.check().await.unwrap().contains("schema version 1"));
+    assert_eq!(a.schema_version().await.unwrap(), 2);
+    assert!(a.check().await.unwrap().contains("schema version 2"));
 
     // Versions and compare-and-save.
     assert!(a.load("acct").await.unwrap().is_none());
@@ -108,12 +108,12 @@ async fn two_instances_share_versions_leases_and_flows_through_one_database() {
     assert!(sealed.starts_with(b"MGT1"));
     let text = String::from_utf8_lossy(&sealed);
     assert!(!text.contains("rt-2") && !text.contains("at-2"));
-    // A store with another key can't read it, and says so.
-    let other = PgStore::open(&settings(&db), &key("22"), None)
+    // An instance with another key is refused at open, and says why.
+    let e = PgStore::open(&settings(&db), &key("22"), None)
         .await
-        .unwrap();
-    let e = other.load("acct").await.unwrap_err().to_string();
-    assert!(e.contains("another key"), "{e}");
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("every instance must use the same key"), "{e}");
     // A record moved to another account is refused (the name is sealed in).
     client
         .execute(
@@ -1079,7 +1079,7 @@ async fn check_config_says_whether_the_database_is_reachable_and_never_shows_its
     );
     let (ok, text) = check(&config);
     assert!(
-        ok && text.contains("store: reachable, schema version 1"),
+        ok && text.contains("store: reachable, schema version 2"),
         "{text}"
     );
     assert!(!text.contains(password.trim()), "{text}");

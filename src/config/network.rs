@@ -100,11 +100,12 @@ pub(super) fn proxy_url(key: &str, given: &str) -> Result<ProxyUrl, ConfigError>
     })
 }
 
+/// The URL's user or password as written before percent-encoding (not
+/// form decoding: `+` stays a plus).
 fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -118,6 +119,12 @@ mod tests {
         assert_eq!(p.to_string(), "http://proxy.corp:3128 (with credentials)");
         assert!(!format!("{p:?}").contains("s@cret"));
         let expected = base64::engine::general_purpose::STANDARD.encode("alice:s@cret");
+        assert_eq!(
+            p.authorization.unwrap().expose(),
+            &format!("Basic {expected}")
+        );
+        let p = proxy_url("k", "http://bob:a+b&c@proxy:8080").unwrap();
+        let expected = base64::engine::general_purpose::STANDARD.encode("bob:a+b&c");
         assert_eq!(
             p.authorization.unwrap().expose(),
             &format!("Basic {expected}")

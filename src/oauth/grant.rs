@@ -317,7 +317,7 @@ pub fn classify(err: RequestTokenError<HttpError, BasicErrorResponse>) -> TokenE
             let code = response.error();
             let description = response.error_description().map(String::as_str);
             let message =
-                super::explain::explain(&code.to_string(), description).unwrap_or_else(|| {
+                super::explain::explain(code.as_ref(), description).unwrap_or_else(|| {
                     match description {
                         Some(d) => format!("{code}: {d}"),
                         None => code.to_string(),

@@ -247,7 +247,17 @@ impl Tokens {
     pub async fn access_token(&self, account: &Account) -> Result<Secret<String>, TokenError> {
         let entry = self.entry(account)?;
         let mut state = entry.state.lock().await;
-        self.sync(account, &mut state).await?;
+        if let Err(e) = self.sync(account, &mut state).await {
+            // Another writer saved, and the store can't be read now: the
+            // token in hand is still good until it expires.
+            match usable(&state) {
+                Some(token) => {
+                    warn!(account = %account.name, error = %e, "token store unreadable; using the cached access token");
+                    return Ok(token);
+                }
+                None => return Err(e.into()),
+            }
+        }
         if let Some(token) = usable(&state) {
             return Ok(token);
         }
@@ -446,9 +456,20 @@ impl Tokens {
             state.spool_clear = true;
             return Ok(());
         };
-        let Some(spooled) = spool.load(name).await? else {
-            state.spool_clear = true;
-            return Ok(());
+        let spooled = match spool.load(name).await {
+            Ok(Some(spooled)) => spooled,
+            Ok(None) => {
+                state.spool_clear = true;
+                return Ok(());
+            }
+            Err(e) => {
+                // Damaged, or sealed under another key: it can't help, and
+                // must not block the account.
+                warn!(account = %name, error = %e, "the local token spool is unreadable; it is removed");
+                let _ = spool.remove_record(name);
+                state.spool_clear = true;
+                return Ok(());
+            }
         };
         let current = self.store.load(name).await?;
         let (base, older) = match &current {
@@ -604,7 +625,6 @@ impl Tokens {
         }
         let started = Instant::now();
         let refresh_token = state.record.refresh_token.clone().map(Secret::new);
-        let used_version = state.version;
         let result = grant::request(&self.http, account, refresh_token.as_ref())
             .await
             .map_err(|e| match (e, &self.proxy) {
@@ -634,7 +654,10 @@ impl Tokens {
                 .inc();
         }
         if let Err(TokenError::NeedsAuthorization(_)) = &result {
-            if let Some(newer) = self.rotated_elsewhere(account, state, used_version).await? {
+            if let Some(newer) = self
+                .rotated_elsewhere(account, state, refresh_token.as_ref())
+                .await?
+            {
                 return newer;
             }
         }
@@ -685,11 +708,13 @@ impl Tokens {
         &self,
         account: &Account,
         state: &mut AccountState,
-        used_version: Version,
+        used: Option<&Secret<String>>,
     ) -> Result<Option<Result<Secret<String>, TokenError>>, TokenError> {
         state.loaded = false;
         self.sync(account, state).await?;
-        if state.version == used_version {
+        // Another save that left the refresh token as it was (a last-error
+        // note) changes nothing: the refusal stands.
+        if state.record.refresh_token.as_deref() == used.map(|t| t.expose().as_str()) {
             return Ok(None);
         }
         info!(account = %account.name, "refresh token refused, but another instance saved new tokens meanwhile; using those");
@@ -733,6 +758,9 @@ impl Tokens {
         // On local disk first: if the save below fails or this process
         // dies before it, the rotated refresh token survives.
         self.spool_write(&account.name, &state.record).await;
+        // A refused save (the lease lost, or a newer record laid over ours
+        // refused) must not come back from the spool without its fence.
+        let mut refused = false;
         let saved = async {
             match self
                 .compare_and_save(&account.name, state, Some(lease))
@@ -748,9 +776,22 @@ impl Tokens {
                     state.loaded = false;
                     self.sync(account, state).await?;
                     apply(&mut state.record);
-                    self.save(&account.name, state, Some(lease)).await
+                    match self
+                        .compare_and_save(&account.name, state, Some(lease))
+                        .await
+                    {
+                        Ok(()) => Ok(()),
+                        Err(e @ (SaveError::Conflict | SaveError::LeaseLost)) => {
+                            refused = true;
+                            Err(self.stale(&account.name, state, &e))
+                        }
+                        Err(SaveError::Store(e)) => Err(e.into()),
+                    }
                 }
-                Err(e @ SaveError::LeaseLost) => Err(self.stale(&account.name, state, &e)),
+                Err(e @ SaveError::LeaseLost) => {
+                    refused = true;
+                    Err(self.stale(&account.name, state, &e))
+                }
                 Err(SaveError::Store(e)) => Err(e.into()),
             }
         }
@@ -758,7 +799,7 @@ impl Tokens {
         match &saved {
             // Kept in the spool for the next load; until then the store's
             // record is the one to use.
-            Err(TokenError::Store(_)) => {
+            Err(TokenError::Store(_)) if !refused => {
                 state.spool_clear = false;
                 state.loaded = false;
             }

@@ -22,6 +22,10 @@ struct Strike {
 #[derive(Default)]
 struct Tables {
     pre_login: HashMap<IpAddr, usize>,
+    /// Connections waiting for a pre-login slot, per address: at most as
+    /// many as the cap, so that one address can't hold the gateway's
+    /// connection permits with waiters.
+    waiting: HashMap<IpAddr, usize>,
     users: HashMap<String, Strike>,
     addresses: HashMap<IpAddr, Strike>,
 }
@@ -65,6 +69,37 @@ impl Drop for PreLogin {
     }
 }
 
+/// A connection counted among its address's waiters while it waits.
+struct Waiting<'a> {
+    admission: &'a Admission,
+    address: IpAddr,
+}
+
+impl<'a> Waiting<'a> {
+    /// `None` when the address has as many waiters as slots already.
+    fn join(admission: &'a Admission, address: IpAddr) -> Option<Self> {
+        let mut tables = admission.lock();
+        let n = tables.waiting.entry(address).or_insert(0);
+        if *n >= admission.max_pre_login {
+            return None;
+        }
+        *n += 1;
+        Some(Self { admission, address })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut tables = self.admission.lock();
+        if let Some(n) = tables.waiting.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                tables.waiting.remove(&self.address);
+            }
+        }
+    }
+}
+
 impl Admission {
     pub fn new(max_pre_login: usize, base_delay: Duration, max_delay: Duration) -> Self {
         Self {
@@ -95,6 +130,13 @@ impl Admission {
         address: IpAddr,
         wait: Duration,
     ) -> Option<PreLogin> {
+        if let Some(slot) = self.enter(address) {
+            return Some(slot);
+        }
+        if wait.is_zero() {
+            return None;
+        }
+        let _waiting = Waiting::join(self, address)?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Registered before the check, so that a slot freed between
@@ -246,6 +288,18 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(held);
         assert!(waiter.await.unwrap());
+        // Waiters are capped per address too: with the slot and one waiter
+        // taken, another connection is refused at once.
+        let _slot = a.enter(ip).unwrap();
+        let first = tokio::spawn({
+            let a = a.clone();
+            async move { a.enter_within(ip, Duration::from_secs(5)).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        assert!(a.enter_within(ip, Duration::from_secs(5)).await.is_none());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        first.abort();
     }
 
     #[test]

@@ -127,7 +127,10 @@ pub async fn serve(
     // Behind a trusted balancer the client is who its PROXY header says;
     // anyone else who sends one is refused.
     let balancer = peer;
-    let trusted = proxy_from.iter().any(|n| n.contains(&peer.ip()));
+    // IPv4 clients of a dual-stack listener show as ::ffff:a.b.c.d.
+    let trusted = proxy_from
+        .iter()
+        .any(|n| n.contains(&peer.ip().to_canonical()));
     let header = if trusted {
         proxy_header::read(&mut tcp, gateway.limits().proxy_header_timeout)
             .await
@@ -166,7 +169,11 @@ pub async fn serve(
         };
         let session = (protocol.new_session)(gateway.session_options(protocol, tls));
         let result = match header {
-            Ok(()) => connection.run(tcp, peer.ip(), tls, session).await,
+            Ok(()) => {
+                connection
+                    .run(tcp, peer.ip().to_canonical(), tls, session)
+                    .await
+            }
             Err(e) => Err(Refused::from(Closed::from(e))),
         };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -271,11 +278,10 @@ impl Connection<'_> {
                 }
             }
         }
-        let pre_login = self
-            .gateway
-            .admission
-            .enter_within(address, limits.pre_login_wait)
-            .await;
+        let pre_login = tokio::select! {
+            slot = self.gateway.admission.enter_within(address, limits.pre_login_wait) => slot,
+            _ = self.shutdown.changed() => return Err(Closed::Shutdown.into()),
+        };
         if pre_login.is_none() {
             session.too_busy();
         }

@@ -132,7 +132,8 @@ async fn tunnel(proxy: &ProxyUrl, address: &str) -> Result<TcpStream, UpstreamEr
     // bytes may be read here. It is short (a status line and a few
     // headers), once per connection.
     let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
+    // CRLF CRLF ends the head; bare LFs are taken too (RFC 9112 §2.2).
+    while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
         if head.len() > 8192 {
             return Err(refused("an answer to CONNECT longer than 8 KiB".into()));
         }

@@ -76,28 +76,6 @@ fn ehlo_answered(answer: &[u8]) -> Option<Result<String, String>> {
     })
 }
 
-#[cfg(test)]
-mod check_tests {
-    use super::ehlo_answered;
-
-    #[test]
-    fn an_ehlo_answer_is_whole_at_its_last_line_only() {
-        assert_eq!(ehlo_answered(b"250-smtp.example\r\n25"), None);
-        assert_eq!(
-            ehlo_answered(b"250-smtp.example\r\n250-SIZE 1000\r\n"),
-            None
-        );
-        assert_eq!(
-            ehlo_answered(b"250-smtp.example\r\n250 SIZE 1000\r\n"),
-            Some(Ok("1 extensions offered".into()))
-        );
-        assert_eq!(
-            ehlo_answered(b"421 4.7.0 closing\r\n"),
-            Some(Err("421 4.7.0 closing".into()))
-        );
-    }
-}
-
 fn new_session(options: SessionOptions) -> Box<dyn ClientSession + Send> {
     Box::new(Session::new(Options {
         tls_active: options.tls == ListenerTls::Implicit,
@@ -123,4 +101,26 @@ fn default_upstream(provider: KnownProvider) -> DefaultUpstream {
         KnownProvider::MicrosoftChina => ("smtp.partner.outlook.cn", 587, UpstreamTls::StartTls),
     };
     DefaultUpstream { host, port, tls }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::ehlo_answered;
+
+    #[test]
+    fn an_ehlo_answer_is_whole_at_its_last_line_only() {
+        assert_eq!(ehlo_answered(b"250-smtp.example\r\n25"), None);
+        assert_eq!(
+            ehlo_answered(b"250-smtp.example\r\n250-SIZE 1000\r\n"),
+            None
+        );
+        assert_eq!(
+            ehlo_answered(b"250-smtp.example\r\n250 SIZE 1000\r\n"),
+            Some(Ok("1 extensions offered".into()))
+        );
+        assert_eq!(
+            ehlo_answered(b"421 4.7.0 closing\r\n"),
+            Some(Err("421 4.7.0 closing".into()))
+        );
+    }
 }

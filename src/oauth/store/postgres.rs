@@ -22,6 +22,7 @@
 //! - **Connection:** one connection, TLS always on and verified, opened
 //!   again after it breaks; while it can't be, every call fails at once
 //!   with the last error instead of waiting for another connect timeout.
+//!   Every statement is bounded by `connect_timeout` too.
 //!   Every statement is a single statement, so callers share the
 //!   connection without transactions (the migration has its own).
 
@@ -42,7 +43,8 @@ use crate::config::{KeySource, PasswordSource, PostgresSettings};
 use crate::metrics::Metrics;
 
 /// The schema, one step per version; step N takes version N-1 to N.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE mailgate_tokens (
         account text PRIMARY KEY,
         version bigint NOT NULL,
@@ -61,7 +63,14 @@ const MIGRATIONS: &[&str] = &["
         sealed bytea NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now()
     );
-"];
+",
+    "
+    ALTER TABLE mailgate_schema ADD COLUMN key_check bytea;
+",
+];
+
+/// What the key check seals: every instance must open it with its key.
+const KEY_CHECK: &str = "mailgate-key-check";
 
 /// The schema version this mailgate writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -251,8 +260,19 @@ impl Connector {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.connect().await?;
         let fail = |e: tokio_postgres::Error| self.error("migrate", detail(&e));
-        if schema_version(&client).await.map_err(fail)? == SCHEMA_VERSION {
+        let found = schema_version(&client).await.map_err(fail)?;
+        if found == SCHEMA_VERSION {
             return Ok(());
+        }
+        // Before anything that needs the right to create tables: a role
+        // without it should hear "upgrade", not "permission denied".
+        if found > SCHEMA_VERSION {
+            return Err(self.error(
+                "migrate",
+                format!(
+                    "the database's schema is version {found}, newer than this mailgate's ({SCHEMA_VERSION}): upgrade mailgate"
+                ),
+            ));
         }
         let tx = client.transaction().await.map_err(fail)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -296,6 +316,27 @@ impl Connector {
     }
 }
 
+/// A statement bounded by `connect_timeout`: a database host that stops
+/// answering without closing the connection must not hold a login (or the
+/// lease wait, or `/readyz`) for the kernel's keepalive time. On expiry the
+/// connection is dropped, so the next call opens a new one.
+trait Within<T> {
+    async fn within(self, store: &PgStore, operation: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, F: std::future::Future<Output = Result<T, tokio_postgres::Error>>> Within<T> for F {
+    async fn within(self, store: &PgStore, operation: &'static str) -> Result<T, StoreError> {
+        let limit = store.inner.connector.settings.connect_timeout;
+        match tokio::time::timeout(limit, self).await {
+            Ok(done) => done.map_err(|e| store.error(operation, detail(&e))),
+            Err(_) => {
+                store.inner.conn.lock().await.client = None;
+                Err(store.error(operation, format!("no answer within {limit:?}")))
+            }
+        }
+    }
+}
+
 /// What went wrong, in words: the server's message for a database error
 /// (tokio-postgres's own text is only "db error"), else the error and its
 /// cause.
@@ -307,6 +348,39 @@ fn detail(e: &tokio_postgres::Error) -> String {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
     }
+}
+
+/// Every instance must seal with the same key: the first one to open the
+/// database seals a known value into `mailgate_schema.key_check`, and each
+/// one after it must open that value with its own key. (Two instances that
+/// started together with keys of their own can't both win: the update only
+/// fills an empty check.)
+async fn key_check(connector: &Connector, sealer: &Sealer) -> Result<(), StoreError> {
+    let client = connector.connect().await?;
+    let fail = |e: tokio_postgres::Error| connector.error("key_check", detail(&e));
+    let sealed = sealer
+        .seal(KEY_CHECK, &KEY_CHECK)
+        .map_err(|why| connector.error("key_check", why))?;
+    client
+        .execute(
+            "UPDATE mailgate_schema SET key_check = $1 WHERE key_check IS NULL",
+            &[&sealed],
+        )
+        .await
+        .map_err(fail)?;
+    let stored: Option<Vec<u8>> = client
+        .query_one("SELECT key_check FROM mailgate_schema", &[])
+        .await
+        .map_err(fail)?
+        .get(0);
+    let opened = stored.and_then(|s| sealer.open::<String>(KEY_CHECK, s).ok());
+    if opened.as_deref() != Some(KEY_CHECK) {
+        return Err(connector.error(
+            "key check",
+            "this instance's store key is not the key the database's records are sealed with: every instance must use the same key (copy key_file, or MAILGATE_TOKEN_KEY, from another instance)",
+        ));
+    }
+    Ok(())
 }
 
 /// `mailgate_schema`'s version, 0 when there is no such table.
@@ -358,9 +432,11 @@ impl PgStore {
                 }
             }
         }
+        let sealer = Sealer::new(key)?;
+        key_check(&connector, &sealer).await?;
         let store = Self {
             inner: Arc::new(Inner {
-                sealer: Sealer::new(key)?,
+                sealer,
                 connector,
                 conn: Mutex::default(),
                 versions: StdMutex::default(),
@@ -417,9 +493,7 @@ impl PgStore {
     /// When the database can't be reached or read.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         let client = self.client().await?;
-        schema_version(&client)
-            .await
-            .map_err(|e| self.error("check", detail(&e)))
+        schema_version(&client).within(self, "check").await
     }
 
     fn note_version(&self, account: &str, version: Version) {
@@ -438,8 +512,8 @@ impl PgStore {
         let client = self.client().await?;
         let rows = client
             .query("SELECT account, version FROM mailgate_tokens", &[])
-            .await
-            .map_err(|e| self.error("poll", detail(&e)))?;
+            .within(self, "poll")
+            .await?;
         for row in rows {
             let (account, version): (String, i64) = (row.get(0), row.get(1));
             self.note_version(&account, Version(u64::try_from(version).unwrap_or(0)));
@@ -459,8 +533,8 @@ impl PgStore {
                 "SELECT sealed, version FROM mailgate_tokens WHERE account = $1",
                 &[&account],
             )
-            .await
-            .map_err(|e| self.error("load", detail(&e)))?;
+            .within(self, "load")
+            .await?;
         Ok(row.map(|r| {
             let version: i64 = r.get(1);
             (r.get(0), u64::try_from(version).unwrap_or(0))
@@ -575,8 +649,8 @@ impl TokenStore for PgStore {
                 &sql,
                 &[&account, &owner, &epoch, &expected_p, &next_p, &sealed],
             )
-            .await
-            .map_err(|e| self.error("save", detail(&e)))?;
+            .within(self, "save")
+            .await?;
         if written == 1 {
             self.note_version(account, next);
             return Ok(next);
@@ -587,8 +661,8 @@ impl TokenStore for PgStore {
                     &format!("SELECT {LEASE_HOLDS}"),
                     &[&account, &owner, &epoch],
                 )
-                .await
-                .map_err(|e| self.error("save", detail(&e)))?
+                .within(self, "save")
+                .await?
                 .get(0);
             if !holds {
                 return Err(SaveError::LeaseLost);
@@ -605,8 +679,8 @@ impl TokenStore for PgStore {
             let granted_at = Instant::now();
             let row = client
                 .query_opt(TAKE_LEASE, &[&account, &owner, &ttl.as_secs_f64()])
-                .await
-                .map_err(|e| self.error("lease", detail(&e)))?;
+                .within(self, "lease")
+                .await?;
             if let Some(row) = row {
                 let (epoch, took_over): (i64, bool) = (row.get(0), row.get(1));
                 if took_over {
@@ -646,8 +720,8 @@ impl TokenStore for PgStore {
                      WHERE account = $1 AND owner = $2 AND epoch = $3",
                     &[&lease.account, &lease.owner, &epoch],
                 )
+                .within(self, "release")
                 .await
-                .map_err(|e| self.error("release", detail(&e)))
         }
         .await;
         // Not fatal: the lease runs out by itself.
@@ -700,8 +774,8 @@ impl PendingFlows for PgStore {
                  ON CONFLICT (key) DO UPDATE SET sealed = EXCLUDED.sealed",
                 &[&key, &sealed],
             )
-            .await
-            .map_err(|e| self.error("put_flow", detail(&e)))?;
+            .within(self, "put_flow")
+            .await?;
         Ok(())
     }
 
@@ -710,8 +784,8 @@ impl PendingFlows for PgStore {
             .client()
             .await?
             .query_opt("SELECT sealed FROM mailgate_flows WHERE key = $1", &[&key])
-            .await
-            .map_err(|e| self.error("get_flow", detail(&e)))?;
+            .within(self, "get_flow")
+            .await?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -726,9 +800,10 @@ impl PendingFlows for PgStore {
         if let Ok(client) = self.client().await {
             if let Err(e) = client
                 .execute("DELETE FROM mailgate_flows WHERE key = $1", &[&key])
+                .within(self, "remove_flow")
                 .await
             {
-                warn!(error = %self.error("remove_flow", detail(&e)), "can't forget a pending flow");
+                warn!(error = %e, "can't forget a pending flow");
             }
         }
     }
@@ -740,9 +815,10 @@ impl PendingFlows for PgStore {
                     "DELETE FROM mailgate_flows WHERE created_at < now() - make_interval(secs => $1)",
                     &[&age.as_secs_f64()],
                 )
+                .within(self, "sweep_flows")
                 .await
             {
-                warn!(error = %self.error("sweep_flows", detail(&e)), "can't sweep old pending flows");
+                warn!(error = %e, "can't sweep old pending flows");
             }
         }
     }
