@@ -942,6 +942,14 @@ pub struct Process {
     _dir: tempfile::TempDir,
 }
 
+/// A test's process ends with the test, however the test ends.
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Process {
     pub async fn start(accounts: &[Account], top: &str) -> Self {
         let options = Options {
