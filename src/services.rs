@@ -47,6 +47,14 @@ impl Services {
         crate::tls::install_default_provider();
         let connectors = crate::tls::connectors(&config).map_err(BuildError::UpstreamTls)?;
         let oauth_tls = crate::tls::client(None).map_err(BuildError::OAuthTls)?;
+        // The series that the alerts compare, at 0 until they count.
+        metrics.export_zeroes(
+            config.listeners.iter().map(|l| l.protocol.name),
+            config
+                .accounts
+                .values()
+                .map(|a| (a.integration.name.as_str(), a.grant.request_label())),
+        );
         let tokens = Tokens::new(&config, &oauth_tls, metrics, store)?;
         let accounts = Accounts::new(&config).map_err(BuildError::Accounts)?;
         Ok(Self {

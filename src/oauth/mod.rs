@@ -15,6 +15,7 @@ mod http;
 mod jwt;
 mod notify;
 mod refresher;
+mod spool;
 pub mod status;
 pub mod store;
 
@@ -193,20 +194,8 @@ impl Tokens {
         let http = http
             .build()
             .map_err(|e| TokenError::Transient(format!("http client: {e}")))?;
-        metrics.export_zeroes(
-            config.listeners.iter().map(|l| l.protocol.name),
-            config
-                .accounts
-                .values()
-                .map(|a| (a.integration.name.as_str(), a.grant.request_label())),
-        );
-        let spool = match config.store {
-            StoreBackend::File => None,
-            StoreBackend::Postgres(_) => Some(FileStore::open(
-                &config.state_dir.join("spool"),
-                &config.store_key,
-            )?),
-        };
+
+        let spool = spool::open(config)?;
         Ok(Self {
             proxy: config.network.proxy.as_ref().map(|p| p.to_string()),
             spool,
@@ -446,76 +435,6 @@ impl Tokens {
         state.version = version;
         state.loaded = true;
         Ok(())
-    }
-
-    /// Saves what the spool holds for `name` if the store's record is
-    /// older (a crash or a failed save lost it there), then empties the
-    /// spool. A store that can't be reached leaves the spool for later.
-    async fn replay_spool(&self, name: &str, state: &mut AccountState) -> Result<(), StoreError> {
-        let Some(spool) = &self.spool else {
-            state.spool_clear = true;
-            return Ok(());
-        };
-        let spooled = match spool.load(name).await {
-            Ok(Some(spooled)) => spooled,
-            Ok(None) => {
-                state.spool_clear = true;
-                return Ok(());
-            }
-            Err(e) => {
-                // Damaged, or sealed under another key: it can't help, and
-                // must not block the account.
-                warn!(account = %name, error = %e, "the local token spool is unreadable; it is removed");
-                let _ = spool.remove_record(name);
-                state.spool_clear = true;
-                return Ok(());
-            }
-        };
-        let current = self.store.load(name).await?;
-        let (base, older) = match &current {
-            None => (Version(0), true),
-            Some(v) => (
-                v.version,
-                v.record.last_refresh < spooled.record.last_refresh,
-            ),
-        };
-        if older {
-            match self.store.save(name, &spooled.record, base, None).await {
-                Ok(_) => {
-                    info!(account = %name, "saved tokens that a crash or a store outage had left in the local spool");
-                }
-                // Saved meanwhile by another writer: its record stands.
-                Err(SaveError::Conflict | SaveError::LeaseLost) => {}
-                Err(SaveError::Store(e)) => return Err(e),
-            }
-        }
-        spool.remove_record(name)?;
-        state.spool_clear = true;
-        Ok(())
-    }
-
-    /// Writes `record` to the spool (best effort: a failure is logged, and
-    /// the save to the store goes ahead).
-    async fn spool_write(&self, name: &str, record: &Record) {
-        let Some(spool) = &self.spool else {
-            return;
-        };
-        let (spool, name, record) = (spool.clone(), name.to_owned(), record.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            spool.save_record(&name, &record).map_err(|e| (name, e))
-        })
-        .await;
-        if let Ok(Err((name, e))) = written {
-            warn!(account = %name, error = %e, "can't write the local token spool");
-        }
-    }
-
-    fn empty_spool(&self, name: &str) {
-        if let Some(spool) = &self.spool {
-            if let Err(e) = spool.remove_record(name) {
-                warn!(account = %name, error = %e, "can't empty the local token spool");
-            }
-        }
     }
 
     /// How long a token of `lifetime` is handed out: until `refresh_margin`
