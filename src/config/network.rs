@@ -50,19 +50,14 @@ pub struct NetworkSettings {
 }
 
 pub(super) fn network(n: &raw::Network) -> Result<NetworkSettings, ConfigError> {
+    let given = |key: &str, url: &Option<String>| {
+        url.as_deref()
+            .map(|u| proxy_url(key, u).map(Arc::new))
+            .transpose()
+    };
     Ok(NetworkSettings {
-        proxy: n
-            .proxy
-            .as_deref()
-            .map(|u| proxy_url("network.proxy", u))
-            .transpose()?
-            .map(Arc::new),
-        mail_proxy: n
-            .mail_proxy
-            .as_deref()
-            .map(|u| proxy_url("network.mail_proxy", u))
-            .transpose()?
-            .map(Arc::new),
+        proxy: given("network.proxy", &n.proxy)?,
+        mail_proxy: given("network.mail_proxy", &n.mail_proxy)?,
     })
 }
 
