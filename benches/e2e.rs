@@ -338,15 +338,7 @@ async fn fetch_throughput(mut c: RawClient, rounds: usize) -> (f64, u64) {
     for i in 0..rounds {
         c.send(format!("f{i} FETCH {} (BODY.PEEK[])\r\n", big()).as_bytes())
             .await;
-        let header = c.line().await;
-        let size: usize = header
-            .rsplit_once('{')
-            .unwrap()
-            .1
-            .trim_end_matches('}')
-            .parse()
-            .unwrap();
-        bytes += c.bytes(size).await.len() as u64;
+        bytes += c.literal().await.len() as u64;
         let _ = c.until_tagged(&format!("f{i}")).await;
     }
     (bytes as f64 / 1e6 / started.elapsed().as_secs_f64(), bytes)

@@ -90,15 +90,22 @@ async fn an_upstream_that_refuses_or_stalls_gives_unavailable() {
     gateway.stop().await;
 }
 
-/// A fake IMAP upstream over TLS that logs anyone in, answers one command,
-/// then resets the connection.
-async fn resetting_upstream() -> std::net::SocketAddr {
+/// A fake IMAP upstream over TLS with the harness certificate: it greets
+/// as an XOAUTH2 server, then `serve` plays the rest of each connection.
+async fn fake_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(BufReader<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let acceptor = tls_acceptor();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -108,25 +115,34 @@ async fn resetting_upstream() -> std::net::SocketAddr {
                     .get_mut()
                     .write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] fake\r\n")
                     .await;
-                let mut line = String::new();
-                let _ = tls.read_line(&mut line).await; // m3 AUTHENTICATE XOAUTH2 ...
-                let _ = tls
-                    .get_mut()
-                    .write_all(b"m3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
-                    .await;
-                line.clear();
-                let _ = tls.read_line(&mut line).await; // the client's first command
-                let _ = tls.get_mut().write_all(b"* 1 EXISTS\r\n").await;
-                // Reset: close the TCP socket without a TLS close_notify.
-                let (tcp, _) = tls.into_inner().into_inner();
-                // Linger 0: the kernel sends RST, as a crashed upstream would.
-                #[allow(deprecated)]
-                let _ = tcp.set_linger(Some(Duration::ZERO));
-                drop(tcp);
+                serve(tls).await;
             });
         }
     });
     address
+}
+
+/// A fake IMAP upstream over TLS that logs anyone in, answers one command,
+/// then resets the connection.
+async fn resetting_upstream() -> std::net::SocketAddr {
+    fake_upstream(|mut tls| async move {
+        let mut line = String::new();
+        let _ = tls.read_line(&mut line).await; // m3 AUTHENTICATE XOAUTH2 ...
+        let _ = tls
+            .get_mut()
+            .write_all(b"m3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+            .await;
+        line.clear();
+        let _ = tls.read_line(&mut line).await; // the client's first command
+        let _ = tls.get_mut().write_all(b"* 1 EXISTS\r\n").await;
+        // Reset: close the TCP socket without a TLS close_notify.
+        let (tcp, _) = tls.into_inner().into_inner();
+        // Linger 0: the kernel sends RST, as a crashed upstream would.
+        #[allow(deprecated)]
+        let _ = tcp.set_linger(Some(Duration::ZERO));
+        drop(tcp);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,42 +254,26 @@ async fn malformed_and_non_bearer_token_responses_give_clear_answers() {
 /// any XOAUTH2 token, then answers every command `BAD User is
 /// authenticated but not connected.` (the real Dovecot can't).
 async fn not_connected_upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let acceptor = tls_acceptor();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut tls = BufReader::new(tls);
-                let _ = tls
-                    .get_mut()
-                    .write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] fake\r\n")
-                    .await;
-                let mut logged_in = false;
-                loop {
-                    let mut line = String::new();
-                    if tls.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
-                    let answer = if !logged_in {
-                        logged_in = true;
-                        format!("{tag} OK [CAPABILITY IMAP4rev1] Logged in\r\n")
-                    } else if line.to_ascii_uppercase().contains("LOGOUT") {
-                        format!("* BYE\r\n{tag} OK LOGOUT completed\r\n")
-                    } else {
-                        format!("{tag} BAD User is authenticated but not connected.\r\n")
-                    };
-                    let _ = tls.get_mut().write_all(answer.as_bytes()).await;
-                }
-            });
+    fake_upstream(|mut tls| async move {
+        let mut logged_in = false;
+        loop {
+            let mut line = String::new();
+            if tls.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let tag = line.split(' ').next().unwrap_or("*").to_owned();
+            let answer = if !logged_in {
+                logged_in = true;
+                format!("{tag} OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+            } else if line.to_ascii_uppercase().contains("LOGOUT") {
+                format!("* BYE\r\n{tag} OK LOGOUT completed\r\n")
+            } else {
+                format!("{tag} BAD User is authenticated but not connected.\r\n")
+            };
+            let _ = tls.get_mut().write_all(answer.as_bytes()).await;
         }
-    });
-    address
+    })
+    .await
 }
 
 /// Test connection goes one command past login, and names the likely

@@ -167,15 +167,7 @@ async fn literal_login_with_pipelined_commands_reaches_the_upstream() {
     assert!(!ok.contains("AUTH="), "pre-login capabilities leaked: {ok}");
     let select = c.until_tagged("b").await;
     assert!(select.last().unwrap().starts_with("b OK"), "{select:?}");
-    let header = c.line().await;
-    let size: usize = header
-        .rsplit_once('{')
-        .unwrap()
-        .1
-        .trim_end_matches('}')
-        .parse()
-        .unwrap();
-    let body = c.bytes(size).await;
+    let body = c.literal().await;
     assert_eq!(body, harness().seed_messages()[0]);
     assert!(c
         .until_tagged("c")

@@ -921,6 +921,25 @@ async fn gated_token_endpoint() -> (
     (url, gate, answers)
 }
 
+/// A process on the cluster whose token requests go to `token_url`, and a
+/// login on it, under way, that makes it refresh there.
+async fn refreshing_through(
+    cluster: &Cluster,
+    account: &Account,
+    token_url: String,
+) -> (Process, tokio::task::JoinHandle<String>) {
+    let through = Account {
+        token_url: Some(token_url),
+        ..account.clone()
+    };
+    let process = Process::start_options(&[through], &cluster.options("", None)).await;
+    let login = tokio::spawn({
+        let (address, account) = (process.imaps, account.clone());
+        async move { imap_login(address, &account).await }
+    });
+    (process, login)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_answered_while_the_database_is_away_survive_a_crash_in_the_local_spool() {
     let _exclusive = DATABASE.write().await;
@@ -928,17 +947,9 @@ async fn tokens_answered_while_the_database_is_away_survive_a_crash_in_the_local
     let account = Account::authorized("spooled", "spooled@example.test");
     let (url, gate, _) = gated_token_endpoint().await;
     let cluster = Cluster::new().await;
-    let gated = Account {
-        token_url: Some(url),
-        ..account.clone()
-    };
-    let mut a = Process::start_options(&[gated], &cluster.options("", None)).await;
     // The refresh is under way (lease taken, request sent) when the
     // database goes; then the provider answers, rotating the refresh token.
-    let login = tokio::spawn({
-        let (address, account) = (a.imaps, account.clone());
-        async move { imap_login(address, &account).await }
-    });
+    let (mut a, login) = refreshing_through(&cluster, &account, url).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     support::pg_control("stop");
     gate.notify_one();
@@ -980,16 +991,8 @@ async fn authorize_on_any_instance_wins_against_a_refresh_in_flight() {
     let account = Account::authorized("winner", "winner@example.test");
     let (url, gate, answers) = gated_token_endpoint().await;
     let cluster = Cluster::new().await;
-    let slow = Account {
-        token_url: Some(url),
-        ..account.clone()
-    };
-    let a = Process::start_options(&[slow], &cluster.options("", None)).await;
     // A refreshes: it holds the lease, its request held at the provider.
-    let login = tokio::spawn({
-        let (address, account) = (a.imaps, account.clone());
-        async move { imap_login(address, &account).await }
-    });
+    let (a, login) = refreshing_through(&cluster, &account, url).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The admin authorizes the account again, on another instance's config.
     let config_b = instance_config(

@@ -158,29 +158,31 @@ pub fn start_balancer(name: &str, servers: &[SocketAddr], proxy: &str) -> u16 {
     for s in servers {
         cmd.arg("--server").arg(s.to_string());
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "balancer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = harness_script(&mut cmd, "balancer");
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     u16::try_from(started["port"].as_u64().unwrap()).unwrap()
 }
 
 pub fn stop_balancer(name: &str) {
     let h = harness();
-    let out = Command::new(&h.balancer)
-        .arg("--stop")
-        .arg(&h.harness_dir)
-        .arg(name)
-        .output()
-        .unwrap();
+    harness_script(
+        Command::new(&h.balancer)
+            .arg("--stop")
+            .arg(&h.harness_dir)
+            .arg(name),
+        "balancer --stop",
+    );
+}
+
+/// Runs a harness script that must succeed; its output.
+fn harness_script(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 /// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8
@@ -194,15 +196,9 @@ pub async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
 /// Runs `tests/harness/pg DIR ACTION` (stop, start, restart).
 pub fn pg_control(action: &str) {
     let h = harness();
-    let out = Command::new(&h.pg_control)
-        .arg(&h.harness_dir)
-        .arg(action)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg {action}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    harness_script(
+        Command::new(&h.pg_control).arg(&h.harness_dir).arg(action),
+        &format!("pg {action}"),
     );
 }
 
@@ -876,6 +872,17 @@ impl RawClient {
             assert!(self.fill().await > 0, "eof inside a literal");
         }
         self.buf.split_to(n).to_vec()
+    }
+
+    /// An IMAP literal: the line that announces it (`... {n}`), then its
+    /// `n` bytes.
+    pub async fn literal(&mut self) -> Vec<u8> {
+        let header = self.line().await;
+        let size: usize = header
+            .rsplit_once('{')
+            .and_then(|(_, n)| n.trim_end_matches('}').parse().ok())
+            .unwrap_or_else(|| panic!("no literal announced: {header}"));
+        self.bytes(size).await
     }
 }
 
